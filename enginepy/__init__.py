@@ -1,0 +1,1 @@
+"""enginepy: a fast, faithful MusicGen inference engine."""
