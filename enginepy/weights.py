@@ -1,0 +1,183 @@
+"""Reading checkpoints and packing the decoder weights into the engine's layout.
+
+Packed decoder layout (decoder.safetensors), L layers, K codebooks, D hidden, F ffn, V vocabulary:
+  emb                       [K, V + 1, D]   stacked per-codebook embeddings (row V = special token)
+  layers.{i}.ln1.{weight,bias}              pre-self-attention LayerNorm
+  layers.{i}.qkv            [3D, D]         fused Q, K, V projections (no bias)
+  layers.{i}.out            [D, D]
+  layers.{i}.ln_cross.{weight,bias}
+  layers.{i}.cross_q        [D, D]
+  layers.{i}.cross_kv       [2D, D]         fused cross-attention K, V (applied once per request)
+  layers.{i}.cross_out      [D, D]
+  layers.{i}.ln2.{weight,bias}
+  layers.{i}.fc1            [F, D]
+  layers.{i}.fc2            [D, F]
+  ln_out.{weight,bias}
+  heads                     [K, V, D]       stacked per-codebook output heads
+  text_proj.{weight,bias}   [D, Dt], [D]    T5 width -> D (kept in fp32: it sees fp32 T5 states)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .errors import ModelFileError
+
+HF_DECODER = "decoder.model.decoder."
+# Present in some checkpoints, recomputed by every implementation: safe to drop.
+IGNORED_KEYS = ("decoder.model.decoder.embed_positions.weights",)
+
+
+def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory: model.safetensors, sharded safetensors or .bin."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    binary = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            path = os.path.join(directory, shard)
+            if not os.path.isfile(path):
+                raise ModelFileError(f"{directory}: shard {shard} listed in model.safetensors.index.json is missing")
+            state.update(load_file(path))
+        return state
+    if os.path.isfile(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ModelFileError(
+        f"{directory}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
+
+
+def expected_decoder_shapes(
+    num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int
+) -> dict[str, tuple[int, ...]]:
+    """Every decoder-side key of a Hugging Face MusicGen checkpoint and its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(num_codebooks):
+        shapes[f"{HF_DECODER}embed_tokens.{k}.weight"] = (vocab + 1, hidden)
+        shapes[f"decoder.lm_heads.{k}.weight"] = (vocab, hidden)
+    for i in range(num_layers):
+        p = f"{HF_DECODER}layers.{i}."
+        for attn in ("self_attn", "encoder_attn"):
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                shapes[f"{p}{attn}.{proj}.weight"] = (hidden, hidden)
+        for norm in ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"):
+            shapes[f"{p}{norm}.weight"] = (hidden,)
+            shapes[f"{p}{norm}.bias"] = (hidden,)
+        shapes[f"{p}fc1.weight"] = (ffn, hidden)
+        shapes[f"{p}fc2.weight"] = (hidden, ffn)
+    shapes[f"{HF_DECODER}layer_norm.weight"] = (hidden,)
+    shapes[f"{HF_DECODER}layer_norm.bias"] = (hidden,)
+    shapes["enc_to_dec_proj.weight"] = (hidden, text_hidden)
+    shapes["enc_to_dec_proj.bias"] = (hidden,)
+    return shapes
+
+
+def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raise naming every missing key and every shape mismatch."""
+    missing = [k for k in expected if k not in state]
+    wrong = [
+        f"{k}: expected {list(shape)}, got {list(state[k].shape)}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if wrong:
+        problems.append(f"shape mismatches: {'; '.join(wrong)}")
+    if problems:
+        raise ModelFileError(f"{what}: " + " | ".join(problems))
+
+
+def pack_decoder(state: dict[str, torch.Tensor], num_layers: int, num_codebooks: int) -> dict[str, torch.Tensor]:
+    """Hugging Face decoder keys -> the packed layout in this module's docstring (all fp32 or source dtype)."""
+    d = HF_DECODER
+    packed = {
+        "emb": torch.stack([state[f"{d}embed_tokens.{k}.weight"] for k in range(num_codebooks)]),
+        "heads": torch.stack([state[f"decoder.lm_heads.{k}.weight"] for k in range(num_codebooks)]),
+        "ln_out.weight": state[f"{d}layer_norm.weight"],
+        "ln_out.bias": state[f"{d}layer_norm.bias"],
+        "text_proj.weight": state["enc_to_dec_proj.weight"],
+        "text_proj.bias": state["enc_to_dec_proj.bias"],
+    }
+    for i in range(num_layers):
+        p, q = f"{d}layers.{i}.", f"layers.{i}."
+        sa, ca = p + "self_attn.", p + "encoder_attn."
+        packed[q + "qkv"] = torch.cat([state[sa + f"{x}_proj.weight"] for x in "qkv"])
+        packed[q + "out"] = state[sa + "out_proj.weight"]
+        packed[q + "cross_q"] = state[ca + "q_proj.weight"]
+        packed[q + "cross_kv"] = torch.cat([state[ca + f"{x}_proj.weight"] for x in "kv"])
+        packed[q + "cross_out"] = state[ca + "out_proj.weight"]
+        for src, dst in (("self_attn_layer_norm", "ln1"), ("encoder_attn_layer_norm", "ln_cross"), ("final_layer_norm", "ln2")):
+            packed[q + dst + ".weight"] = state[p + src + ".weight"]
+            packed[q + dst + ".bias"] = state[p + src + ".bias"]
+        packed[q + "fc1"] = state[p + "fc1.weight"]
+        packed[q + "fc2"] = state[p + "fc2.weight"]
+    return {k: v.contiguous() for k, v in packed.items()}
+
+
+def packed_shapes(num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int):
+    """Every key of decoder.safetensors and its shape (used to validate a converted directory)."""
+    shapes = {
+        "emb": (num_codebooks, vocab + 1, hidden),
+        "heads": (num_codebooks, vocab, hidden),
+        "ln_out.weight": (hidden,),
+        "ln_out.bias": (hidden,),
+        "text_proj.weight": (hidden, text_hidden),
+        "text_proj.bias": (hidden,),
+    }
+    for i in range(num_layers):
+        q = f"layers.{i}."
+        shapes.update({
+            q + "qkv": (3 * hidden, hidden), q + "out": (hidden, hidden),
+            q + "cross_q": (hidden, hidden), q + "cross_kv": (2 * hidden, hidden), q + "cross_out": (hidden, hidden),
+            q + "fc1": (ffn, hidden), q + "fc2": (hidden, ffn),
+        })
+        for n in ("ln1", "ln_cross", "ln2"):
+            shapes[q + n + ".weight"] = (hidden,)
+            shapes[q + n + ".bias"] = (hidden,)
+    return shapes
+
+
+def load_submodule_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `module`, accepting both weight-norm key styles, and name every missing/unexpected key."""
+    own = module.state_dict()
+    renamed = {}
+    for key, value in state.items():
+        if key not in own:
+            # Older EnCodec checkpoints store weight norm as weight_g / weight_v; newer torch uses parametrizations.
+            alt = key.replace(".weight_g", ".parametrizations.weight.original0").replace(
+                ".weight_v", ".parametrizations.weight.original1"
+            )
+            alt = alt if alt in own else key.replace(".parametrizations.weight.original0", ".weight_g").replace(
+                ".parametrizations.weight.original1", ".weight_v"
+            )
+            key = alt if alt in own else key
+        renamed[key] = value
+    tied = {"encoder.embed_tokens.weight"} if "shared.weight" in renamed else set()
+    missing = [k for k in own if k not in renamed and k not in tied]
+    unexpected = [k for k in renamed if k not in own]
+    wrong = [
+        f"{k}: expected {list(own[k].shape)}, got {list(v.shape)}"
+        for k, v in renamed.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {'; '.join(wrong)}")
+    if problems:
+        raise ModelFileError(f"{what}: " + " | ".join(problems))
+    module.load_state_dict(renamed, strict=False)
