@@ -27,6 +27,8 @@ from .weights import (
     read_state_dict,
 )
 
+# Without one of these, AutoTokenizer would quietly build an untrained default tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -71,6 +73,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise ModelFileError(f"{where}: activation_function {dec['activation_function']!r} is not supported (only 'gelu')")
     if dec.get("scale_embedding", False):
         raise ModelFileError(f"{where}: scale_embedding=true is not supported")
+    if dec.get("cross_attention_hidden_size") is not None:
+        raise ModelFileError(f"{where}: cross_attention_hidden_size is not supported (text states are projected by enc_to_dec_proj)")
+    if dec["hidden_size"] < 4:
+        raise ModelFileError(f"{where}: hidden_size {dec['hidden_size']} is too small (the sinusoidal positions need >= 4)")
     if dec["hidden_size"] % dec["num_attention_heads"]:
         raise ModelFileError(f"{where}: hidden_size {dec['hidden_size']} is not divisible by num_attention_heads")
     channels = int(dec.get("audio_channels", 1))
@@ -122,6 +128,10 @@ def convert_hf(src: str, dst: str, dtype: str | torch.dtype = "float32") -> Mode
         raise ModelFileError(f"destination {dst} exists and is not an enginepy model directory; refusing to overwrite it")
 
     state = read_state_dict(src)
+    if cfg.text_hidden_size == cfg.hidden_size and "enc_to_dec_proj.weight" not in state:
+        # transformers drops the projection when T5's width already equals the decoder's: it is the identity.
+        state["enc_to_dec_proj.weight"] = torch.eye(cfg.hidden_size)
+        state["enc_to_dec_proj.bias"] = torch.zeros(cfg.hidden_size)
     expected = expected_decoder_shapes(
         cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size
     )
@@ -145,6 +155,8 @@ def convert_hf(src: str, dst: str, dtype: str | torch.dtype = "float32") -> Mode
             codec = EncodecModel(EncodecConfig(**hf["audio_encoder"]))
             load_submodule_state(codec, _split(state, "audio_encoder."), f"{src} codec weights")
             codec.save_pretrained(os.path.join(tmp, cfgmod.CODEC_DIR))
+            if not any(os.path.isfile(os.path.join(src, n)) for n in TOKENIZER_FILES):
+                raise ModelFileError(f"{src}: tokenizer files are missing (expected one of {', '.join(TOKENIZER_FILES)})")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(src)
             except (OSError, ValueError) as e:

@@ -140,7 +140,12 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
                     module.weight.normal_(0.0, 1.0 / math.sqrt(module.in_features))
             for emb in model.decoder.model.decoder.embed_tokens:
                 emb.weight.normal_(0.0, 1.0)
-            model.enc_to_dec_proj.weight.normal_(0.0, 1.0 / math.sqrt(spec.text_hidden_size))
+            if hasattr(model, "enc_to_dec_proj"):  # absent when T5 is as wide as the decoder
+                model.enc_to_dec_proj.weight.normal_(0.0, 1.0 / math.sqrt(spec.text_hidden_size))
+            # EnCodec codebooks start as zeros (filled by k-means in training): random ones make audio depend on codes.
+            for layer in model.audio_encoder.quantizer.layers:
+                layer.codebook.embed.normal_(0.0, 1.0)
+                layer.codebook.inited.fill_(1)
         model.generation_config.update(decoder_start_token_id=spec.codebook_size, do_sample=False)
         model.save_pretrained(path)
     return path

@@ -29,6 +29,8 @@ SPECS = {
     "k8-v64": RandomModelSpec(hidden_size=32, num_heads=4, num_layers=1, num_codebooks=8, codebook_size=64, seed=2),
     "k3-wide-text": RandomModelSpec(hidden_size=48, num_heads=6, num_layers=2, num_codebooks=3, codebook_size=128,
                                     text_hidden_size=24, text_heads=3, seed=3),
+    # T5 as wide as the decoder: transformers then has no enc_to_dec_proj (identity).
+    "same-width": RandomModelSpec(hidden_size=16, num_heads=4, num_layers=2, num_codebooks=4, seed=5),
     "stereo": RandomModelSpec(hidden_size=24, num_heads=2, num_layers=2, num_codebooks=4, audio_channels=2, seed=4),
 }
 

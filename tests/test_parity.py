@@ -15,7 +15,7 @@ def _engine(model_factory, name, engine_cache, dtype="float32"):
     return MusicGen.from_pretrained(model_factory(name), device="cpu", dtype=dtype, cache_dir=engine_cache)
 
 
-@pytest.mark.parametrize("name", ["base", "odd-heads", "k8-v64", "k3-wide-text", "stereo"])
+@pytest.mark.parametrize("name", ["base", "odd-heads", "k8-v64", "k3-wide-text", "same-width", "stereo"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["single", "padded-batch"])
 def test_greedy_codes_equal_transformers(model_factory, engine_cache, name, prompts):
     mg = _engine(model_factory, name, engine_cache)
