@@ -1,5 +1,51 @@
-"""Builds enginepy (from enginepy/), enginepy.kernels (from kernels/) and the extension enginepy._C (from csrc/)."""
+"""Builds enginepy (from enginepy/), enginepy.kernels (from kernels/) and the extension enginepy._C (from csrc/).
+
+The extension's sources are listed once, in csrc/sources.txt, which CMakeLists.txt reads too. The .cu
+sources are built only where the installed torch has CUDA and a CUDA toolkit is found. torch must be
+installed first and the project built without isolation (`pip install --no-build-isolation -e .`), so that
+the extension is compiled against the torch that will load it.
+"""
+from pathlib import Path
+
 from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def extension_sources() -> tuple[list[str], list[str]]:
+    """(C++ sources, CUDA sources) from csrc/sources.txt, as paths relative to the repository root."""
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    sources = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [s for s in sources if not s.endswith(".cu")], [s for s in sources if s.endswith(".cu")]
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for enginepy._C, CUDA sources included only where torch and the toolkit allow."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        raise SystemExit(
+            "setup.py needs torch to build enginepy._C: install torch first, then run "
+            "`pip install --no-build-isolation --no-deps -e .`"
+        ) from exc
+
+    cpp_sources, cuda_sources = extension_sources()
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    cxx_flags = ["-O3"]
+    if with_cuda:
+        extension = cpp_extension.CUDAExtension(
+            "enginepy._C",
+            cpp_sources + cuda_sources,
+            define_macros=[("ENGINEPY_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        )
+    else:
+        extension = cpp_extension.CppExtension("enginepy._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extension_build()
 
 setup(
     name="enginepy",
@@ -9,4 +55,6 @@ setup(
     package_dir={"enginepy": "enginepy", "enginepy.kernels": "kernels"},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["enginepy=enginepy.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

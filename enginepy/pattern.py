@@ -58,9 +58,12 @@ def delay_step_input(
     tokens[b, k] = codes[b, k, t] with t = step[b] - 1 - delays[k] when 0 <= t < lengths[b], else special.
     """
     t = step[:, None] - 1 - delays[None, :]  # [B, K]
-    valid = (t >= 0) & (t < lengths[:, None])
-    gathered = codes.gather(2, t.clamp(0, max(codes.shape[2] - 1, 0))[..., None])[..., 0] if codes.shape[2] else t
-    return torch.where(valid, gathered, torch.full_like(t, special))
+    fill = torch.full_like(t, special)
+    if codes.shape[2] == 0:
+        return fill
+    valid = (t >= 0) & (t < lengths[:, None]) & (t < codes.shape[2])
+    gathered = codes.gather(2, t.clamp(0, codes.shape[2] - 1)[..., None])[..., 0]
+    return torch.where(valid, gathered, fill)
 
 
 def delay_step_write(
@@ -76,9 +79,12 @@ def delay_step_write(
     codes int64 [B, K, Tmax], tokens int64 [B, K], step/lengths/prompt_lengths int64 [B], delays int64 [K]:
     codes[b, k, t] = tokens[b, k] with t = step[b] - delays[k], only where prompt_lengths[b] <= t < lengths[b].
     """
-    t = step[:, None] - delays[None, :]  # [B, K]
-    valid = (t >= prompt_lengths[:, None]) & (t < lengths[:, None])
-    if not bool(valid.any()):
+    if codes.shape[2] == 0:
         return
-    b_idx, k_idx = valid.nonzero(as_tuple=True)
-    codes[b_idx, k_idx, t[b_idx, k_idx]] = tokens[b_idx, k_idx]
+    t = step[:, None] - delays[None, :]  # [B, K]
+    valid = (t >= prompt_lengths[:, None]) & (t < lengths[:, None]) & (t < codes.shape[2])
+    # Static shapes (no nonzero()): every (b, k) writes one slot of its own row, the old value where invalid,
+    # so the op can run inside a CUDA graph.
+    idx = t.clamp(0, codes.shape[2] - 1)[..., None]
+    current = codes.gather(2, idx)[..., 0]
+    codes.scatter_(2, idx, torch.where(valid, tokens, current)[..., None])

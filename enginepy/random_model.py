@@ -39,12 +39,28 @@ class RandomModelSpec:
     text_hidden_size: int = 16
     text_layers: int = 1
     text_heads: int = 2
+    text_ffn: int = 0  # 0: twice text_hidden_size
+    text_buckets: int = 8
     sampling_rate: int = 800
     upsampling_ratios: tuple[int, ...] = (4, 4)  # hop 16 -> 50 frames/s at 800 Hz
     codec_hidden_size: int = 8
     codec_filters: int = 4
+    codec_lstm_layers: int = 1
     max_position_embeddings: int = 2048
     seed: int = 0
+
+
+def released_spec(size: str, seed: int = 0) -> RandomModelSpec:
+    """Random weights with the exact shapes of musicgen-small / medium / large (t5-base, EnCodec 32 kHz)."""
+    if size not in RELEASED_SHAPES:
+        raise ValueError(f"size must be one of {', '.join(RELEASED_SHAPES)}; got {size!r}")
+    hidden, layers, heads = RELEASED_SHAPES[size]
+    return RandomModelSpec(
+        hidden_size=hidden, num_layers=layers, num_heads=heads, num_codebooks=4, codebook_size=2048,
+        text_hidden_size=768, text_layers=12, text_heads=12, text_ffn=3072, text_buckets=32,
+        sampling_rate=32000, upsampling_ratios=(8, 5, 4, 4), codec_hidden_size=128, codec_filters=64,
+        codec_lstm_layers=2, seed=seed,
+    )
 
 
 def _build_tokenizer(path: str) -> None:
@@ -95,10 +111,10 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
         vocab_size=vocab_size,
         d_model=spec.text_hidden_size,
         d_kv=spec.text_hidden_size // spec.text_heads,
-        d_ff=2 * spec.text_hidden_size,
+        d_ff=spec.text_ffn or 2 * spec.text_hidden_size,
         num_layers=spec.text_layers,
         num_heads=spec.text_heads,
-        relative_attention_num_buckets=8,
+        relative_attention_num_buckets=spec.text_buckets,
         pad_token_id=0,
         eos_token_id=1,
     )
@@ -112,7 +128,7 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
         codebook_size=spec.codebook_size,
         codebook_dim=spec.codec_hidden_size,
         target_bandwidths=[bandwidth],
-        num_lstm_layers=1,
+        num_lstm_layers=spec.codec_lstm_layers,
         normalize=False,
     )
     decoder = MusicgenDecoderConfig(
