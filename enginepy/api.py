@@ -12,20 +12,23 @@ import secrets
 
 import torch
 
+from . import ops
 from .convert import dtype_name, parse_dtype
 from .errors import InvalidParameter
+from .fast import FastDecoder
 from .generate import SamplingParams, generate_codes
-from .loading import load_components, parse_device, resolve_model_dir
+from .loading import default_dtype, load_components, parse_device, resolve_model_dir
 from .params import check_duration, check_prompts, check_sampling
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fast")
 DEFAULT_TOP_K = 250
 
 
 class MusicGen:
     """A loaded MusicGen model. Use `MusicGen.from_pretrained`."""
 
-    def __init__(self, cfg, decoder, conditioner, codec, device: torch.device, backend: str, max_duration: float):
+    def __init__(self, cfg, decoder, conditioner, codec, device: torch.device, backend: str, max_duration: float,
+                 fast: FastDecoder | None = None):
         self.cfg = cfg
         self.decoder = decoder
         self.conditioner = conditioner
@@ -33,6 +36,8 @@ class MusicGen:
         self.device = device
         self.backend = backend
         self.max_duration = max_duration
+        self.fast = fast
+        self._progress_callback = None
         self.set_generation_params(duration=min(15.0, max_duration))
 
     @classmethod
@@ -44,23 +49,39 @@ class MusicGen:
         backend: str = "reference",
         max_duration: float = 30.0,
         cache_dir: str | None = None,
+        max_batch: int = 8,
+        max_text_len: int = 256,
     ) -> "MusicGen":
         """Load a converted enginepy directory, a Hugging Face MusicGen directory (converted once into
         `cache_dir`, default $ENGINEPY_CACHE or ~/.cache/enginepy) or a hub id (when the hub is reachable).
 
         device: 'cpu' | 'cuda' | 'cuda:N' (default: cuda when available); dtype of the decoder:
-        'float32' | 'float16' | 'bfloat16' (default float32 on CPU, bfloat16 on CUDA); backend: 'reference';
-        max_duration: the longest audio (seconds) a call may ask for.
+        'float32' | 'float16' | 'bfloat16' (default bfloat16 on CUDA and on CPUs with native bf16, else
+        float32; use float32 for token-exact parity with transformers' fp32 model); backend: 'reference'
+        (plain PyTorch, any device) or 'fast' (Triton + C++ + CUDA graphs; on CPU only under TRITON_INTERPRET=1);
+        max_duration: the longest audio (seconds) a call may ask for. The fast backend sizes its static buffers
+        and KV cache for max_batch prompts of max_duration seconds with prompts of up to max_text_len tokens.
         """
         if backend not in BACKENDS:
             raise InvalidParameter(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         dev = parse_device(device)
-        torch_dtype = parse_dtype(dtype if dtype is not None else ("bfloat16" if dev.type == "cuda" else "float32"))
+        torch_dtype = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         if isinstance(max_duration, bool) or not isinstance(max_duration, (int, float)) or not 0 < max_duration < float("inf"):
             raise InvalidParameter(f"max_duration must be a positive number of seconds; got {max_duration!r}")
+        for name, value in (("max_batch", max_batch), ("max_text_len", max_text_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameter(f"{name} must be a positive integer; got {value!r}")
+        if backend == "fast" and not ops.triton_usable(dev):
+            raise InvalidParameter(
+                "backend 'fast' needs a CUDA device, or TRITON_INTERPRET=1 exported before import to run its "
+                "Triton kernels on CPU (slow: for tests); use backend='reference' on CPU"
+            )
         directory = resolve_model_dir(path, dtype_name(torch_dtype), cache_dir)
         cfg, decoder, conditioner, codec = load_components(directory, torch_dtype, dev)
-        return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration))
+        fast = None
+        if backend == "fast":
+            fast = FastDecoder(decoder, max_batch, int(max_duration * cfg.frame_rate), max_text_len=max_text_len)
+        return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration), fast)
 
     @property
     def sample_rate(self) -> int:
@@ -99,6 +120,12 @@ class MusicGen:
             temperature=float(temperature), cfg_coef=float(cfg_coef),
         )
 
+    def set_custom_progress_callback(self, callback=None) -> None:
+        """callback(generated_steps, total_steps), called after every decode step (None to remove)."""
+        if callback is not None and not callable(callback):
+            raise InvalidParameter(f"callback must be callable or None; got {type(callback).__name__}")
+        self._progress_callback = callback
+
     def generate_tokens(self, descriptions, progress: bool = False) -> torch.Tensor:
         """Prompts -> codes int64 [B, K, frames] (natural layout, on CPU)."""
         prompts = check_prompts(descriptions)
@@ -108,7 +135,12 @@ class MusicGen:
         seeds = torch.arange(len(prompts), dtype=torch.int64) + seed
         states, mask = self.conditioner.encode(prompts)
         cond = self.decoder.project_text(states, mask)
-        codes = generate_codes(self.decoder, cond, mask, self.frames, self.params, seeds, progress=progress)
+        if self.fast is not None:
+            codes = self.fast.generate(cond, mask, self.frames, self.params, seeds, progress=progress,
+                                       on_step=self._progress_callback)
+        else:
+            codes = generate_codes(self.decoder, cond, mask, self.frames, self.params, seeds, progress=progress,
+                                   on_step=self._progress_callback)
         return codes.cpu()
 
     def generate_audio(self, codes: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ or B rows when cfg_coef == 1 (the null rows cannot change the result then). Step
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,12 @@ def generate_codes(
     params: SamplingParams,
     seeds: torch.Tensor,
     progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Generate `frames` frames for each of B conditions.
 
     cond [B, Tt, D] and cond_mask bool [B, Tt] (projected text, zero on padding), seeds int64 [B]
-    -> codes int64 [B, K, frames] in natural layout.
+    -> codes int64 [B, K, frames] in natural layout. on_step(done, total) is called after every step.
     """
     cfg = decoder.cfg
     device = decoder.device
@@ -96,6 +98,8 @@ def generate_codes(
         pattern.delay_step_write(codes, picked, step, lengths, no_prompt, delays)
         if bar is not None:
             bar.update(1)
+        if on_step is not None:
+            on_step(s + 1, steps)
     if bar is not None:
         bar.close()
     return codes

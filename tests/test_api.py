@@ -111,7 +111,7 @@ def test_seed_overflow_is_refused(tiny_engine):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(backend="turbo"), InvalidParameter, "backend must be one of reference; got 'turbo'"),
+        (dict(backend="turbo"), InvalidParameter, "backend must be one of reference, fast; got 'turbo'"),
         (dict(device="tpu"), InvalidParameter, "device must be 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
         (dict(dtype="float64"), InvalidParameter, "dtype must be one of float32, float16, bfloat16; got 'float64'"),
         (dict(max_duration=0), InvalidParameter, "max_duration must be a positive number of seconds; got 0"),
@@ -166,3 +166,27 @@ def test_progress_bar_is_silent_without_a_terminal(tiny_engine, capsys):
     tiny_engine.generate(["jazz"], progress=True)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_progress_callback_sees_every_step(tiny_engine):
+    seen = []
+    tiny_engine.set_custom_progress_callback(lambda done, total: seen.append((done, total)))
+    try:
+        tiny_engine.set_generation_params(duration=0.1, seed=0)
+        tiny_engine.generate(["jazz"])
+    finally:
+        tiny_engine.set_custom_progress_callback(None)
+    steps = 5 + tiny_engine.cfg.max_delay
+    assert seen == [(i, steps) for i in range(1, steps + 1)]
+    with pytest.raises(InvalidParameter, match="callback must be callable or None; got int"):
+        tiny_engine.set_custom_progress_callback(3)
+
+
+def test_default_dtype_follows_the_hardware(monkeypatch):
+    from enginepy import loading
+
+    assert loading.default_dtype(torch.device("cuda")) == "bfloat16"
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.default_dtype(torch.device("cpu")) == "float32"
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert loading.default_dtype(torch.device("cpu")) == "bfloat16"

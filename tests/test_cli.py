@@ -69,7 +69,7 @@ def test_generate_in_process_writes_outputs_and_leaves_no_temp_files(tiny_hf, tm
         (["--temperature", "-1"], "temperature must be >= 0 (0 means greedy); got -1.0"),
         (["--cfg-coef", "-0.5"], "cfg_coef must be >= 0; got -0.5"),
         (["--seed", "-1"], "seed must be None or an integer in [0, 2**63 - 1]; got -1"),
-        (["--backend", "warp"], "--backend must be one of reference; got 'warp'"),
+        (["--backend", "warp"], "--backend must be one of reference, fast; got 'warp'"),
         (["--device", "gpu"], "device must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
         (["--dtype", "int8"], "--dtype must be one of float32, float16, bfloat16; got 'int8'"),
         (["--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
