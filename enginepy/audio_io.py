@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 
-def _atomic(path: str, write) -> None:
+def write_atomically(path: str, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -28,7 +29,7 @@ def write_wav(path: str, wav: torch.Tensor, sample_rate: int) -> None:
     import soundfile as sf
 
     data = wav.detach().float().clamp(-1.0, 1.0).cpu().numpy().T  # [samples, C]
-    _atomic(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype="PCM_16", format="WAV"))
+    write_atomically(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype="PCM_16", format="WAV"))
 
 
 def write_tokens(path: str, codes: torch.Tensor) -> None:
@@ -39,7 +40,7 @@ def write_tokens(path: str, codes: torch.Tensor) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic(path, save)
+    write_atomically(path, save)
 
 
 def numbered_paths(path: str, count: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: `enginepy convert | generate | demo` (also `python -m enginepy ...`).
+"""Command line: `enginepy convert | generate | bench | demo` (also `python -m enginepy ...`).
 
 Bad input is refused with one line naming the parameter and exit code 2, before any model is loaded
 where that is possible.
@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out.wav", help="WAV path; several prompts write FILE-0.wav, FILE-1.wav, ...")
     g.add_argument("--tokens-out", default=None, help="also write the codes, int64 [B, K, frames], to this .npy")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="enginepy vs transformers on the same weights: step latency, render time, throughput")
+    b.add_argument("--model", default="small",
+                   help="tiny | small | medium | large (random weights, real shapes) or a model directory (default small)")
+    b.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    b.add_argument("--dtype", default=None, help="enginepy decoder dtype (default: the engine's default for the device)")
+    b.add_argument("--hf-dtype", default=None, help="transformers dtype (default float32 on CPU, --dtype on CUDA)")
+    b.add_argument("--backends", default="reference", help="comma-separated: reference,fast (default reference)")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    b.add_argument("--duration", type=float, default=1.0, help="seconds of audio per prompt (default 1)")
+    b.add_argument("--repeats", type=int, default=1, help="render-time repeats, median reported (default 1)")
+    b.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    b.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<device>-<model>.json)")
 
     d = sub.add_parser("demo", help="write a WAV from the default model (a built-in random one when none is available)")
     _model_args(d, model_default=None)
@@ -129,12 +142,54 @@ def _demo(args) -> int:
     return 0
 
 
+def _int_list(name: str, text: str) -> tuple[int, ...]:
+    from .errors import InvalidParameter
+
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise InvalidParameter(f"{name} must be comma-separated positive integers; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidParameter(f"{name} must be comma-separated positive integers; got {text!r}")
+    return values
+
+
+def _bench(args) -> int:
+    from .api import BACKENDS
+    from .bench import run_bench, write_results
+    from .convert import parse_dtype
+    from .errors import InvalidParameter
+    from .loading import parse_device
+
+    batches = _int_list("--batch", args.batch)
+    backends = tuple(args.backends.split(","))
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise InvalidParameter(f"--backends must list names from {', '.join(BACKENDS)}; got {backend!r}")
+    dev = parse_device(args.device)
+    for name, value in (("--dtype", args.dtype), ("--hf-dtype", args.hf_dtype)):
+        if value is not None:
+            parse_dtype(value, name)
+    if not 0 < args.duration <= 30:
+        raise InvalidParameter(f"--duration must be in (0, 30] seconds; got {args.duration}")
+    if args.repeats < 1:
+        raise InvalidParameter(f"--repeats must be >= 1; got {args.repeats}")
+    result = run_bench(model=args.model, device=str(dev), dtype=args.dtype, backends=backends, batches=batches,
+                       duration=args.duration, transformers=not args.no_transformers, hf_dtype=args.hf_dtype,
+                       repeats=args.repeats)
+    name = os.path.basename(os.path.normpath(args.model))
+    out = args.out or os.path.join("benchmarks", "results", f"bench-{dev.type}-{name}.json")
+    write_results(result, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import EnginepyError
 
     args = _parser().parse_args(argv)
     try:
-        return {"convert": _convert, "generate": _generate, "demo": _demo}[args.command](args)
+        return {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo}[args.command](args)
     except EnginepyError as e:
         print(f"enginepy: error: {e}", file=sys.stderr)
         return 2

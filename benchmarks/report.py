@@ -1,0 +1,104 @@
+"""Turn committed benchmark JSON (benchmarks/results/bench-*.json) into a PNG plot and the README table.
+
+    python benchmarks/report.py                 # writes benchmarks/results/bench.png and updates README.md
+    python benchmarks/report.py --check         # exit 1 if README.md's table is not what the JSON says
+
+Every table row names the device it was measured on.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def load_results(directory: str = RESULTS) -> list[dict]:
+    results = []
+    for path in sorted(glob.glob(os.path.join(directory, "bench-*.json"))):
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table, one row per (file, engine, batch)."""
+    lines = [
+        "| device | model | engine | dtype | batch | audio | ms/step p50 | p99 | render s | audio s/s | peak MB | vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        env, cfg = result["environment"], result["config"]
+        for r in result["rows"]:
+            vs = f"{r['speedup_vs_transformers']:.2f}×" if r.get("speedup_vs_transformers") else "—"
+            lines.append(
+                f"| {env['device']} | {cfg['model']} | {r['engine']} | {r['dtype']} | {r['batch']} | "
+                f"{cfg['duration_s']:g} s | {r['ms_step_p50']:.1f} | {r['ms_step_p99']:.1f} | {r['render_s']:.2f} | "
+                f"{r['audio_s_per_s']:.3f} | {r['peak_mem_mb']:.0f} | {vs} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Throughput vs batch and step latency per engine, one marker style per device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        device = result["environment"]["device"]
+        model = result["config"]["model"]
+        engines = sorted({r["engine"] for r in result["rows"]})
+        for engine in engines:
+            rows = sorted((r for r in result["rows"] if r["engine"] == engine), key=lambda r: r["batch"])
+            label = f"{engine} ({model}, {device})"
+            left.plot([r["batch"] for r in rows], [r["audio_s_per_s"] for r in rows], marker="o", label=label)
+        right.bar([f"{e}\n{model}" for e in engines],
+                  [min(r["ms_step_p50"] for r in result["rows"] if r["engine"] == e) for e in engines])
+    left.set(xlabel="batch size", ylabel="audio seconds per wall second", title="Throughput", xscale="log", yscale="log")
+    left.legend(fontsize=7)
+    right.set(ylabel="ms per decode step (p50, smallest batch)", title="Step latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def update_readme(text: str, readme: str = os.path.join(ROOT, "README.md"), check: bool = False) -> bool:
+    """Replace the text between the markers; with check=True only report whether it is current."""
+    with open(readme) as f:
+        content = f.read()
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{text}\n{END}{tail}"
+    if check:
+        return new == content
+    with open(readme, "w") as f:
+        f.write(new)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that README.md is current")
+    args = parser.parse_args()
+    results = load_results()
+    text = table(results) if results else "No benchmark results are committed yet."
+    if args.check:
+        ok = update_readme(text, check=True)
+        print("README table is current" if ok else "README table is stale: run python benchmarks/report.py")
+        return 0 if ok else 1
+    update_readme(text)
+    if results:
+        plot(results, os.path.join(RESULTS, "bench.png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
