@@ -17,6 +17,9 @@ def write_atomically(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -55,6 +55,9 @@ def test_generate_in_process_writes_outputs_and_leaves_no_temp_files(tiny_hf, tm
     assert code == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "a")) == ["song.wav"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
     assert np.load(tmp_path / "t.npy").shape == (1, 4, 10)
 
 
