@@ -60,9 +60,14 @@ def plot(results: list[dict], path: str) -> None:
             rows = sorted((r for r in result["rows"] if r["engine"] == engine), key=lambda r: r["batch"])
             label = f"{engine} ({model}, {device})"
             left.plot([r["batch"] for r in rows], [r["audio_s_per_s"] for r in rows], marker="o", label=label)
+        smallest = min(r["batch"] for r in result["rows"])
         right.bar([f"{e}\n{model}" for e in engines],
-                  [min(r["ms_step_p50"] for r in result["rows"] if r["engine"] == e) for e in engines])
-    left.set(xlabel="batch size", ylabel="audio seconds per wall second", title="Throughput", xscale="log", yscale="log")
+                  [next(r["ms_step_p50"] for r in result["rows"] if r["engine"] == e and r["batch"] == smallest)
+                   for e in engines])
+        batches = sorted({r["batch"] for r in result["rows"]})
+    left.set(xlabel="batch size", ylabel="audio seconds per wall second", title="Throughput", yscale="log")
+    left.set_xscale("log", base=2)
+    left.set_xticks(batches, [str(b) for b in batches])
     left.legend(fontsize=7)
     right.set(ylabel="ms per decode step (p50, smallest batch)", title="Step latency")
     fig.tight_layout()
