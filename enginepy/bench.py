@@ -125,6 +125,20 @@ def _peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
+def _median_seconds(run, device: torch.device, repeats: int) -> float:
+    """Median wall time of run() over `repeats` synced calls; the CUDA peak-memory counter starts afresh."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -156,16 +170,7 @@ def bench_enginepy(mg, batch: int, duration: float, copy_gbps: float, repeats: i
     finally:
         mg.set_custom_progress_callback(None)
     step_ms = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    renders = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        mg.generate(prompts)
-        _sync(device)
-        renders.append(time.perf_counter() - t)
-    render = statistics.median(renders)
+    render = _median_seconds(lambda: mg.generate(prompts), device, repeats)
     cfg = mg.cfg
     elem = mg.decoder.w("emb").element_size()
     weight_bytes = sum(t.numel() * t.element_size() for n, t in mg.decoder.named_buffers() if not n.startswith("text_proj"))
@@ -206,16 +211,7 @@ def bench_transformers(hf_dir: str, device: torch.device, dtype: torch.dtype, ba
         model.generate(**inputs, **kwargs)  # warm-up
         model.generate(**inputs, logits_processor=LogitsProcessorList([Stamp()]), **kwargs)
         step_ms = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        renders = []
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            model.generate(**inputs, **kwargs)
-            _sync(device)
-            renders.append(time.perf_counter() - t)
-    render = statistics.median(renders)
+        render = _median_seconds(lambda: model.generate(**inputs, **kwargs), device, repeats)
     p50 = statistics.median(step_ms)
     elem = torch.tensor([], dtype=dtype).element_size()
     weight_bytes = sum(p.numel() * elem for p in model.decoder.parameters())

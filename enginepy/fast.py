@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import ops
 from .cache import PagedKVCache
 from .errors import InvalidParameter
-from .generate import NonFiniteLogits, SamplingParams, progress_bar
+from .generate import NonFiniteLogits, SamplingParams, StepReporter
 from .model import MusicGenDecoder
 from .rng import uniforms
 
@@ -195,15 +195,10 @@ class FastDecoder:
         try:
             self._reset(batch, frames, seeds)
             text_len = self._set_text(cond, cond_mask, rows)
-            bar = progress_bar(steps, progress)
-            for s in range(steps):
-                self._run_step(rows, batch, text_len, params, seeds, frames)
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(s + 1, steps)
-            if bar is not None:
-                bar.close()
+            with StepReporter(steps, progress, on_step) as report:
+                for _ in range(steps):
+                    self._run_step(rows, batch, text_len, params, seeds, frames)
+                    report()
             if bool(self.nonfinite):
                 raise NonFiniteLogits("the decoder produced NaN/inf logits; try dtype='float32'")
             return self.codes[:batch, :, :frames].clone()

@@ -34,13 +34,31 @@ class SamplingParams:
     cfg_coef: float = 3.0
 
 
-def progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr when enabled and stderr is a terminal; otherwise None."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+class StepReporter:
+    """Reports decode progress for both backends: a tqdm bar on stderr (when asked and stderr is a terminal)
+    and on_step(done, total) after every step. Use as a context manager; call it once per finished step."""
 
-    return tqdm(total=total, unit="step", desc="generating", leave=False)
+    def __init__(self, total: int, progress: bool, on_step: Callable[[int, int], None] | None):
+        self.total, self.done, self.on_step = total, 0, on_step
+        self.bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", desc="generating", leave=False)
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.on_step is not None:
+            self.on_step(self.done, self.total)
+
+    def __enter__(self) -> "StepReporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @torch.no_grad()
@@ -76,30 +94,25 @@ def generate_codes(
     cross = decoder.precompute_cross(cond.to(device), cond_mask.to(device))
     cache = KVCache.allocate(cfg, rows, steps, decoder.dtype, device)
     codes = torch.full((b, cfg.num_codebooks, frames), cfg.special_token, dtype=torch.int64, device=device)
-    bar = progress_bar(steps, progress)
-    for s in range(steps):
-        step = torch.full((b,), s, dtype=torch.int64, device=device)
-        tokens = pattern.delay_step_input(codes, step, lengths, delays, cfg.special_token)  # [B, K]
-        if use_cfg:
-            tokens = torch.cat([tokens, tokens])
-        logits = decoder(tokens[:, :, None], s, cache, cross)[:, :, 0]  # [B', K, V]
-        mixed = cfg_mix(logits, b, params.cfg_coef)  # fp32 [B, K, V]
-        if not torch.isfinite(mixed).all():
-            raise NonFiniteLogits(f"the decoder produced NaN/inf logits at step {s}; try dtype='float32'")
-        u = uniforms(seeds, s, cfg.num_codebooks)  # [B, K]
-        picked = sample_tokens(
-            mixed.reshape(b * cfg.num_codebooks, -1),
-            u.reshape(-1),
-            use_sampling=params.use_sampling,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-        ).view(b, cfg.num_codebooks)
-        pattern.delay_step_write(codes, picked, step, lengths, no_prompt, delays)
-        if bar is not None:
-            bar.update(1)
-        if on_step is not None:
-            on_step(s + 1, steps)
-    if bar is not None:
-        bar.close()
+    with StepReporter(steps, progress, on_step) as report:
+        for s in range(steps):
+            step = torch.full((b,), s, dtype=torch.int64, device=device)
+            tokens = pattern.delay_step_input(codes, step, lengths, delays, cfg.special_token)  # [B, K]
+            if use_cfg:
+                tokens = torch.cat([tokens, tokens])
+            logits = decoder(tokens[:, :, None], s, cache, cross)[:, :, 0]  # [B', K, V]
+            mixed = cfg_mix(logits, b, params.cfg_coef)  # fp32 [B, K, V]
+            if not torch.isfinite(mixed).all():
+                raise NonFiniteLogits(f"the decoder produced NaN/inf logits at step {s}; try dtype='float32'")
+            u = uniforms(seeds, s, cfg.num_codebooks)  # [B, K]
+            picked = sample_tokens(
+                mixed.reshape(b * cfg.num_codebooks, -1),
+                u.reshape(-1),
+                use_sampling=params.use_sampling,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+            ).view(b, cfg.num_codebooks)
+            pattern.delay_step_write(codes, picked, step, lengths, no_prompt, delays)
+            report()
     return codes

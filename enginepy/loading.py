@@ -14,7 +14,7 @@ from .convert import convert_hf
 from .errors import InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .model import MusicGenDecoder
-from .weights import packed_shapes
+from .weights import check_keys, packed_shapes
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
@@ -110,12 +110,7 @@ def load_decoder(directory: str, cfg: ModelConfig, dtype: torch.dtype, device: t
         raise ModelFileError(f"{directory}: {cfgmod.DECODER_WEIGHTS} is missing")
     weights = load_file(path)
     expected = packed_shapes(cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size)
-    missing = [k for k in expected if k not in weights]
-    wrong = [f"{k}: expected {list(s)}, got {list(weights[k].shape)}" for k, s in expected.items() if k in weights and tuple(weights[k].shape) != s]
-    unexpected = [k for k in weights if k not in expected]
-    problems = [f"{label}: {', '.join(items)}" for label, items in (("missing keys", missing), ("shape mismatches", wrong), ("unexpected keys", unexpected)) if items]
-    if problems:
-        raise ModelFileError(f"{path}: " + " | ".join(problems))
+    check_keys(weights, expected, path)
     weights = {k: v.to(device=device, dtype=torch.float32 if k.startswith("text_proj") else dtype) for k, v in weights.items()}
     return MusicGenDecoder(cfg, weights)
 

@@ -81,19 +81,30 @@ def expected_decoder_shapes(
     return shapes
 
 
-def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise naming every missing key and every shape mismatch."""
-    missing = [k for k in expected if k not in state]
+def check_keys(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    what: str,
+    optional: frozenset[str] = frozenset(),
+    extra_ok=None,
+) -> None:
+    """Raise ModelFileError naming every missing key, shape mismatch and unexpected key of `state`.
+
+    Keys in `optional` may be absent; keys not in `expected` are unexpected unless extra_ok(key) is true.
+    """
+    missing = [k for k in expected if k not in state and k not in optional]
     wrong = [
         f"{k}: expected {list(shape)}, got {list(state[k].shape)}"
         for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != shape
+        if k in state and tuple(state[k].shape) != tuple(shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if wrong:
-        problems.append(f"shape mismatches: {'; '.join(wrong)}")
+    unexpected = [k for k in state if k not in expected and not (extra_ok and extra_ok(k))]
+    problems = [
+        f"{label}: {sep.join(items)}"
+        for label, items, sep in (("missing keys", missing, ", "), ("shape mismatches", wrong, "; "),
+                                  ("unexpected keys", unexpected, ", "))
+        if items
+    ]
     if problems:
         raise ModelFileError(f"{what}: " + " | ".join(problems))
 
@@ -163,21 +174,7 @@ def load_submodule_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             )
             key = alt if alt in own else key
         renamed[key] = value
-    tied = {"encoder.embed_tokens.weight"} if "shared.weight" in renamed else set()
-    missing = [k for k in own if k not in renamed and k not in tied]
-    unexpected = [k for k in renamed if k not in own]
-    wrong = [
-        f"{k}: expected {list(own[k].shape)}, got {list(v.shape)}"
-        for k, v in renamed.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatches: {'; '.join(wrong)}")
-    if problems:
-        raise ModelFileError(f"{what}: " + " | ".join(problems))
+    # T5 ties its encoder embedding to `shared`; checkpoints store only the latter.
+    tied = frozenset({"encoder.embed_tokens.weight"}) if "shared.weight" in renamed else frozenset()
+    check_keys(renamed, {k: tuple(v.shape) for k, v in own.items()}, what, optional=tied)
     module.load_state_dict(renamed, strict=False)

@@ -190,3 +190,19 @@ def test_default_dtype_follows_the_hardware(monkeypatch):
     assert loading.default_dtype(torch.device("cpu")) == "float32"
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
     assert loading.default_dtype(torch.device("cpu")) == "bfloat16"
+
+
+def test_progress_bar_on_a_terminal_and_only_when_asked(tiny_engine, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tiny_engine.set_generation_params(duration=0.1, seed=0)
+    for progress, shown in ((True, True), (False, False)):
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        tiny_engine.generate(["jazz"], progress=progress)
+        assert ("generating" in term.getvalue() and "/8 " in term.getvalue()) == shown
