@@ -206,3 +206,14 @@ def test_progress_bar_on_a_terminal_and_only_when_asked(tiny_engine, monkeypatch
         monkeypatch.setattr(sys, "stderr", term)
         tiny_engine.generate(["jazz"], progress=progress)
         assert ("generating" in term.getvalue() and "/8 " in term.getvalue()) == shown
+
+
+def test_unreachable_hub_id_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelFileError, match="facebook/musicgen-tiny-nonexistent is not a local directory and could not "
+                                             "be fetched from the hub"):
+        MusicGen.from_pretrained("facebook/musicgen-tiny-nonexistent", device="cpu")
