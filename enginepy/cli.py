@@ -78,8 +78,10 @@ def _convert(args) -> int:
 def _load(args):
     from .api import MusicGen
 
+    # The fast backend sizes its static buffers for this many prompts: exactly the ones given.
+    max_batch = len(args.prompts) if hasattr(args, "prompts") else 1
     return MusicGen.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                    max_duration=args.max_duration)
+                                    max_duration=args.max_duration, max_batch=max_batch)
 
 
 def _check_static(args) -> None:
