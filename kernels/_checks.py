@@ -62,3 +62,28 @@ def check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dty
     if out.device != device:
         raise ValueError(f"out is on {out.device}, expected {device}")
     return out
+
+
+def check_paged_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    like: str,
+    like_dtype: torch.dtype,
+) -> None:
+    """The paged pools [num_blocks, block_size, H, Dh] in the dtype of `like`, and int32 block tables [B, max_blocks]."""
+    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
+    if tuple(k_cache.shape[2:]) != (heads, head_dim):
+        raise ValueError(f"k_cache must have shape [num_blocks, block_size, {heads}, {head_dim}], got {tuple(k_cache.shape)}")
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != like_dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {like} has {like_dtype}")
+    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2)
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must have {batch} rows, got {block_tables.shape[0]}")

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_devices, check_out, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_devices, check_paged_cache,
+    check_out, check_shape, check_tensor,
+)
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -155,20 +158,11 @@ def paged_attention_decode(
     GPU about twice, from static shapes only (1 under the interpreter). out: optional [B, H, Dh] in q's dtype.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
-    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
     batch, heads, head_dim = q.shape
-    if tuple(k_cache.shape[2:]) != (heads, head_dim):
-        raise ValueError(f"k_cache must have shape [num_blocks, block_size, {heads}, {head_dim}], got {tuple(k_cache.shape)}")
-    check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
+    check_paged_cache(k_cache, v_cache, block_tables, batch=batch, heads=heads, head_dim=head_dim,
+                      like="q", like_dtype=q.dtype)
     if head_dim > 256:
         raise ValueError(f"q head dim must be <= 256, got {head_dim}")
-    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2)
-    if block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must have {batch} rows, got {block_tables.shape[0]}")
     check_tensor("seq_lens", seq_lens, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("seq_lens", seq_lens, (batch,))
     device = check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_paged_cache, check_shape, check_tensor
 
 
 @triton.jit
@@ -68,18 +68,11 @@ def _as_steps(name: str, x: torch.Tensor) -> torch.Tensor:
 def _check_cache_args(k, v, k_cache, v_cache, block_tables, positions, lengths):
     k4, v4 = _as_steps("k", k), _as_steps("v", v)
     check_shape("v", v, tuple(k.shape))
-    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
+    if v.dtype != k.dtype:
+        raise ValueError(f"v has dtype {v.dtype} but k has {k.dtype}")
     batch, _, heads, head_dim = k4.shape
-    if tuple(k_cache.shape[2:]) != (heads, head_dim):
-        raise ValueError(f"k_cache must have shape [num_blocks, block_size, {heads}, {head_dim}], got {tuple(k_cache.shape)}")
-    check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    for name, x in (("k", k), ("v", v), ("v_cache", v_cache)):
-        if x.dtype != k_cache.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but k_cache has {k_cache.dtype}")
-    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2)
-    if block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must have {batch} rows, got {block_tables.shape[0]}")
+    check_paged_cache(k_cache, v_cache, block_tables, batch=batch, heads=heads, head_dim=head_dim,
+                      like="k", like_dtype=k.dtype)
     check_tensor("positions", positions, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("positions", positions, (batch,))
     if lengths is not None:
