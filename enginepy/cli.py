@@ -1,39 +1,55 @@
-"""Command line: `enginepy convert | generate | bench | demo` (also `python -m enginepy ...`).
+"""Command line: `enginepy convert | generate | bench | demo | cache` (also `python -m enginepy ...`).
 
-Bad input is refused with one line naming the parameter and exit code 2, before any model is loaded
-where that is possible.
+Bad input is refused with one line naming the parameter and exit code 2. Everything that can be checked
+without the model (parameters, output paths) is checked before the model is loaded, so a typo never costs
+a load or a generation. SIGTERM and Ctrl-C remove temporary files before exiting (143, 130).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import signal
 import sys
+import threading
 import time
 
 DEFAULT_MODEL = "facebook/musicgen-small"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (and exit code 2), like every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="enginepy", description="Fast, faithful MusicGen inference.")
+    p = _Parser(prog="enginepy", description="Fast, faithful MusicGen inference.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a Hugging Face MusicGen directory to the enginepy format")
     c.add_argument("src", help="Hugging Face MusicGen directory (config.json, model.safetensors, tokenizer files)")
-    c.add_argument("dst", help="output directory")
+    c.add_argument("dst", help="output directory (new, empty, or an enginepy directory to replace)")
     c.add_argument("--dtype", default="float32", help="decoder dtype: float32 | float16 | bfloat16 (default float32)")
 
     g = sub.add_parser("generate", help="generate music from text prompts")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     _model_args(g)
     g.add_argument("--duration", type=float, default=8.0, help="seconds of audio (default 8)")
-    g.add_argument("--seed", type=int, default=None, help="seed of row 0; row i uses seed + i (default: random)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of row 0; row i uses seed + i (default: a random seed, printed so it can be reused)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 250; 0 = off)")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass; > 0 overrides top-k (default 0)")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1; 0 = greedy)")
-    g.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance coefficient (default 3)")
-    g.add_argument("--out", default="out.wav", help="WAV path; several prompts write FILE-0.wav, FILE-1.wav, ...")
-    g.add_argument("--tokens-out", default=None, help="also write the codes, int64 [B, K, frames], to this .npy")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature: 0 (greedy) or >= 1e-4 (default 1)")
+    g.add_argument("--cfg-coef", type=float, default=3.0,
+                   help="classifier-free guidance coefficient in [0, 1e6] (default 3)")
+    g.add_argument("--out", default="out.wav",
+                   help="audio file, .wav | .flac | .ogg (the extension picks the format; default out.wav); "
+                        "several prompts write FILE-0.wav, FILE-1.wav, ...")
+    g.add_argument("--tokens-out", default=None, help="also write the codes, int64 [B, K, frames], to this .npy file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="enginepy vs transformers on the same weights: step latency, render time, throughput")
@@ -52,23 +68,34 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="write a WAV from the default model (a built-in random one when none is available)")
     _model_args(d, model_default=None)
     d.add_argument("--duration", type=float, default=2.0, help="seconds of audio (default 2)")
-    d.add_argument("--out", default="demo.wav", help="WAV path (default demo.wav)")
+    d.add_argument("--out", default="demo.wav", help="audio file, .wav | .flac | .ogg (default demo.wav)")
+
+    k = sub.add_parser("cache", help="list or prune the converted copies of Hugging Face directories")
+    k.add_argument("action", choices=("list", "prune"),
+                   help="list: every entry with its status; prune: remove stale, orphaned, damaged and incomplete ones")
+    k.add_argument("--all", action="store_true", help="prune: remove every entry, current ones included")
+    k.add_argument("--dry-run", action="store_true", help="prune: only print what would be removed")
+    k.add_argument("--cache-dir", default=None, help="the cache (default $ENGINEPY_CACHE or ~/.cache/enginepy)")
     return p
 
 
 def _model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=os.environ.get("ENGINEPY_MODEL", model_default),
                    help="converted enginepy directory, Hugging Face directory or hub id (env ENGINEPY_MODEL)")
-    p.add_argument("--backend", default="reference", help="reference (default)")
+    p.add_argument("--backend", default=None, help="reference | fast (default: the engine's default for the device)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None,
+                   help="decoder dtype: float32 | float16 | bfloat16 (default: the engine's default for the device)")
     p.add_argument("--max-duration", type=float, default=30.0, help="longest duration the model is set up for (s)")
+    p.add_argument("--max-text-len", type=int, default=256,
+                   help="longest prompt in tokens, at most 512 (T5's training length; default 256)")
 
 
 def _convert(args) -> int:
-    from .convert import convert_hf, parse_dtype
+    from .convert import check_destination, convert_hf, parse_dtype
 
     parse_dtype(args.dtype, "--dtype")
+    check_destination(args.dst)
     cfg = convert_hf(args.src, args.dst, args.dtype)
     print(f"converted {args.src} -> {args.dst} ({cfg.num_layers} layers, D={cfg.hidden_size}, "
           f"K={cfg.num_codebooks}, V={cfg.vocab_size}, {cfg.dtype})")
@@ -78,21 +105,25 @@ def _convert(args) -> int:
 def _load(args):
     from .api import MusicGen
 
-    # The fast backend sizes its static buffers for this many prompts: exactly the ones given.
+    # Options left out take the API's defaults for the device. The fast backend sizes its static buffers for
+    # this many prompts: exactly the ones given.
+    given = {name: value for name, value in (("dtype", args.dtype), ("backend", args.backend)) if value is not None}
     max_batch = len(args.prompts) if hasattr(args, "prompts") else 1
-    return MusicGen.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                    max_duration=args.max_duration, max_batch=max_batch)
+    return MusicGen.from_pretrained(args.model, device=args.device, max_duration=args.max_duration,
+                                    max_batch=max_batch, max_text_len=args.max_text_len, **given)
 
 
 def _check_static(args) -> None:
-    """Everything that can be refused without loading a model."""
+    """Everything that can be refused without loading a model: parameters and output paths."""
     from .api import BACKENDS
+    from .audio_io import check_audio_path, check_distinct, check_tokens_path, numbered_paths
+    from .conditioning import check_max_text_len
     from .convert import parse_dtype
     from .errors import InvalidParameter
     from .loading import parse_device
     from .params import check_prompts, check_sampling
 
-    if args.backend not in BACKENDS:
+    if args.backend is not None and args.backend not in BACKENDS:
         raise InvalidParameter(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
     parse_device(args.device)
     if args.dtype is not None:
@@ -101,34 +132,55 @@ def _check_static(args) -> None:
         raise InvalidParameter(f"--max-duration must be a positive number of seconds; got {args.max_duration}")
     if not 0 < args.duration <= args.max_duration:
         raise InvalidParameter(f"--duration must be in (0, {args.max_duration:g}] seconds; got {args.duration}")
+    try:
+        check_max_text_len(args.max_text_len)
+    except InvalidParameter:
+        raise InvalidParameter(f"--max-text-len must be an integer in [1, 512]; got {args.max_text_len}") from None
+    count = 1
     if hasattr(args, "prompts"):
-        check_prompts(args.prompts)
+        count = len(check_prompts(args.prompts))
         check_sampling(not args.greedy, args.top_k if args.top_k is not None else 0, args.top_p,
                        args.temperature, args.cfg_coef, args.seed)
+    check_audio_path(args.out, "--out")
+    outputs = [("--out", path) for path in numbered_paths(args.out, count)]
+    if getattr(args, "tokens_out", None) is not None:
+        outputs.append(("--tokens-out", check_tokens_path(args.tokens_out, "--tokens-out")))
+    check_distinct(outputs)
+
+
+def _settings_line(model: str, mg, seed: int | None) -> str:
+    """The line that makes a run reproducible: model, device, dtype, backend and seed."""
+    dtype = str(mg.decoder.dtype).replace("torch.", "")
+    rng = "greedy" if seed is None else f"seed {seed} (row i uses seed + i)"
+    return f"model {model} | device {mg.device} | dtype {dtype} | backend {mg.backend} | {rng}"
 
 
 def _generate(args) -> int:
-    from .audio_io import numbered_paths, write_tokens, write_wav
+    from .audio_io import numbered_paths, write_audio, write_tokens
 
     _check_static(args)
+    # A drawn seed is printed, so that a good result can be made again with --seed.
+    seed = args.seed if args.seed is not None else secrets.randbits(62)
     mg = _load(args)
     mg.set_generation_params(duration=args.duration, use_sampling=not args.greedy, top_k=args.top_k,
-                             top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef, seed=args.seed)
+                             top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef, seed=seed)
+    greedy = args.greedy or args.temperature == 0
+    print(_settings_line(args.model, mg, None if greedy else seed), flush=True)
     start = time.perf_counter()
     wav, codes = mg.generate(args.prompts, progress=not args.quiet, return_tokens=True)
     elapsed = time.perf_counter() - start
-    paths = numbered_paths(args.out, wav.shape[0])
-    for path, w in zip(paths, wav):
-        write_wav(path, w, mg.sample_rate)
     if args.tokens_out:
         write_tokens(args.tokens_out, codes)
+    paths = numbered_paths(args.out, wav.shape[0])
+    for path, w in zip(paths, wav):
+        write_audio(path, w, mg.sample_rate)
     seconds = codes.shape[-1] / mg.frame_rate
     print(f"wrote {', '.join(paths)} ({len(paths)} x {seconds:.2f} s at {mg.sample_rate} Hz) in {elapsed:.2f} s")
     return 0
 
 
 def _demo(args) -> int:
-    from .audio_io import write_wav
+    from .audio_io import write_audio
     from .demo import demo_model
 
     _check_static(args)
@@ -137,9 +189,10 @@ def _demo(args) -> int:
     args.model = model
     mg = _load(args)
     mg.set_generation_params(duration=args.duration, seed=0)
+    print(_settings_line(args.model, mg, 0), flush=True)
     start = time.perf_counter()
     wav = mg.generate(["lo-fi beat with warm piano"], progress=True)
-    write_wav(args.out, wav[0], mg.sample_rate)
+    write_audio(args.out, wav[0], mg.sample_rate)
     print(f"wrote {args.out} ({args.duration:g} s at {mg.sample_rate} Hz) in {time.perf_counter() - start:.2f} s")
     return 0
 
@@ -158,6 +211,7 @@ def _int_list(name: str, text: str) -> tuple[int, ...]:
 
 def _bench(args) -> int:
     from .api import BACKENDS
+    from .audio_io import check_creatable
     from .bench import run_bench, write_results
     from .convert import parse_dtype
     from .errors import InvalidParameter
@@ -176,28 +230,71 @@ def _bench(args) -> int:
         raise InvalidParameter(f"--duration must be in (0, 30] seconds; got {args.duration}")
     if args.repeats < 1:
         raise InvalidParameter(f"--repeats must be >= 1; got {args.repeats}")
+    name = os.path.basename(os.path.normpath(args.model))
+    out = args.out if args.out is not None else os.path.join("benchmarks", "results", f"bench-{dev.type}-{name}.json")
+    check_creatable(out, "--out")
+    if not out.lower().endswith(".json"):
+        raise InvalidParameter(f"--out must end in .json (results are written as JSON); got {out!r}")
     result = run_bench(model=args.model, device=str(dev), dtype=args.dtype, backends=backends, batches=batches,
                        duration=args.duration, transformers=not args.no_transformers, hf_dtype=args.hf_dtype,
                        repeats=args.repeats)
-    name = os.path.basename(os.path.normpath(args.model))
-    out = args.out or os.path.join("benchmarks", "results", f"bench-{dev.type}-{name}.json")
     write_results(result, out)
     print(f"wrote {out}")
     return 0
 
 
+def _cache(args) -> int:
+    from .loading import default_cache_dir, format_cache_entry, list_cache, prune_cache
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.action == "list":
+        entries = list_cache(cache_dir)
+        for entry in entries:
+            print(format_cache_entry(entry))
+        total = sum(e.size_bytes for e in entries) / 2**20
+        print(f"{len(entries)} entries, {total:,.1f} MB in {cache_dir}")
+        return 0
+    removed = prune_cache(cache_dir, everything=args.all, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in removed:
+        print(f"{verb} {format_cache_entry(entry)}")
+    print(f"{verb} {len(removed)} entries, {sum(e.size_bytes for e in removed) / 2**20:,.1f} MB from {cache_dir}")
+    return 0
+
+
+def _terminated(signum, frame):
+    from .convert import Terminated
+
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .convert import Terminated
     from .errors import EnginepyError
 
-    args = _parser().parse_args(argv)
     try:
-        return {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo}[args.command](args)
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
+    # SIGTERM unwinds like Ctrl-C, so temporary files and directories are removed on the way out.
+    handles_term = threading.current_thread() is threading.main_thread()
+    if handles_term:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo,
+                "cache": _cache}[args.command](args)
     except EnginepyError as e:
         print(f"enginepy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("enginepy: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("enginepy: terminated", file=sys.stderr)
+        return e.code
+    finally:
+        if handles_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import ModelFileError
 
@@ -13,6 +14,33 @@ TEXT_ENCODER_DIR = "text_encoder"
 CODEC_DIR = "codec"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in `path`; ModelFileError naming the file when it is unreadable, not JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path} cannot be read ({e.__class__.__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path} must hold a JSON object; got a {type(data).__name__}")
+    return data
+
+
+def require_int(section: dict, key: str, where: str, minimum: int = 1) -> int:
+    """section[key] as an int >= minimum (bools refused), or ModelFileError naming where/key."""
+    if key not in section:
+        raise ModelFileError(f"{where}: the {key!r} entry is missing")
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelFileError(f"{where}: {key} must be an integer; got {value!r}")
+    if value < minimum:
+        raise ModelFileError(f"{where}: {key} must be >= {minimum}; got {value}")
+    return value
 
 
 @dataclass
@@ -55,23 +83,58 @@ class ModelConfig:
     def max_delay(self) -> int:
         return max(self.delays)
 
+    def validate(self, where: str) -> "ModelConfig":
+        """Check every field's type, range and the fields' mutual consistency; ModelFileError naming `where`."""
+        d = vars(self)
+        for key, minimum in (("hidden_size", 4), ("num_layers", 1), ("num_heads", 1), ("ffn_dim", 1),
+                             ("num_codebooks", 1), ("vocab_size", 1), ("text_hidden_size", 1), ("sample_rate", 1),
+                             ("frame_rate", 1), ("hop_length", 1), ("audio_channels", 1)):
+            # hidden_size >= 4: the sinusoidal positions divide by half - 1.
+            require_int(d, key, where, minimum)
+        if self.hidden_size % self.num_heads:
+            raise ModelFileError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
+            raise ModelFileError(f"{where}: audio_channels {self.audio_channels} with num_codebooks "
+                                 f"{self.num_codebooks} is not a valid layout")
+        delays = self.delays
+        if (not isinstance(delays, list) or len(delays) != self.num_codebooks
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in delays)):
+            raise ModelFileError(f"{where}: delays must be {self.num_codebooks} non-negative integers (one per "
+                                 f"codebook); got {delays!r}")
+        if self.frame_rate != math.ceil(self.sample_rate / self.hop_length):
+            raise ModelFileError(f"{where}: frame_rate {self.frame_rate} disagrees with sample_rate "
+                                 f"{self.sample_rate} / hop_length {self.hop_length}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ModelFileError(f"{where}: layer_norm_eps must be a number in (0, 1); got {eps!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ModelFileError(f"{where}: dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
+        if not isinstance(self.source, dict):
+            raise ModelFileError(f"{where}: source must be a JSON object; got {self.source!r}")
+        return self
+
     def save(self, directory: str) -> None:
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(asdict(self), f, indent=2)
 
     @classmethod
     def load(cls, directory: str) -> "ModelConfig":
+        """Read and validate `directory`/enginepy.json; ModelFileError naming the file and the bad entry."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise ModelFileError(f"{directory} is not a converted enginepy model: {CONFIG_NAME} is missing")
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json_object(path)
         if data.get("format") != "enginepy" or data.get("version") != FORMAT_VERSION:
             raise ModelFileError(
                 f"{path}: unsupported format {data.get('format')!r} version {data.get('version')!r} "
                 f"(expected 'enginepy' version {FORMAT_VERSION}); convert the model again"
             )
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ModelFileError(f"{path}: {e}") from None
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ModelFileError(f"{path}: unknown entries {', '.join(unknown)}; convert the model again")
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ModelFileError(f"{path}: missing entries {', '.join(missing)}; convert the model again")
+        return cls(**data).validate(path)

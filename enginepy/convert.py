@@ -2,19 +2,29 @@
 
 DST holds enginepy.json (ModelConfig), decoder.safetensors (packed, see weights.py, cast to --dtype),
 text_encoder/ (T5 encoder, fp32), codec/ (EnCodec, fp32) and tokenizer/. The directory is built under
-a temporary name and renamed into place, so a failed conversion leaves nothing half-written.
+a temporary name and renamed into place, so a failed, interrupted (Ctrl-C, SIGTERM) or concurrent conversion
+never leaves a half-written DST, and a complete DST is the only thing a reader can see.
+
+Conversions into one parent directory are serialised by an exclusive lock (flock) on that directory, so
+processes that convert the same model at once into a shared cache wait for each other instead of replacing
+the directory under a reader.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 import torch
 
 from . import config as cfgmod
-from .config import ModelConfig
+from .audio_io import check_creatable
+from .config import ModelConfig, read_json_object, require_int
 from .errors import InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .pattern import mono_delays, stereo_delays
@@ -25,6 +35,7 @@ from .weights import (
     load_submodule_state,
     pack_decoder,
     read_state_dict,
+    reading,
 )
 
 # Without one of these, AutoTokenizer would quietly build an untrained default tokenizer.
@@ -46,13 +57,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def read_hf_config(src: str) -> dict:
+    """config.json of a Hugging Face MusicGen directory, with its three sections present as JSON objects."""
     path = os.path.join(src, "config.json")
     if not os.path.isdir(src):
         raise ModelFileError(f"model directory {src} does not exist")
     if not os.path.isfile(path):
         raise ModelFileError(f"{src}: config.json is missing (expected a Hugging Face MusicGen directory)")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = read_json_object(path)
     if hf.get("model_type") != "musicgen":
         raise ModelFileError(
             f"{path}: model_type is {hf.get('model_type')!r}; only 'musicgen' (text-conditioned MusicGen) is supported"
@@ -60,15 +71,45 @@ def read_hf_config(src: str) -> dict:
     for part in ("text_encoder", "audio_encoder", "decoder"):
         if part not in hf:
             raise ModelFileError(f"{path}: the {part!r} section is missing")
+        if not isinstance(hf[part], dict):
+            raise ModelFileError(f"{path}: the {part!r} section must be a JSON object; got {type(hf[part]).__name__}")
     return hf
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """Check that the decoder is one this engine computes exactly, and that it agrees with its codec."""
+def _codec_config(hf: dict, where: str):
+    """transformers' EncodecConfig of the audio_encoder section, with the fields the engine derives from checked."""
     from transformers import EncodecConfig
 
-    dec, codec_cfg = hf["decoder"], EncodecConfig(**hf["audio_encoder"])
-    where = "config.json decoder"
+    ae = hf["audio_encoder"]
+    with reading(where, "the audio_encoder section is not a valid EnCodec configuration", "fix or download config.json again"):
+        codec_cfg = EncodecConfig(**ae)
+    section = f"{where} audio_encoder"
+    require_int(vars(codec_cfg), "sampling_rate", section)
+    require_int(vars(codec_cfg), "codebook_size", section, minimum=2)
+    for key in ("upsampling_ratios", "target_bandwidths"):
+        values = getattr(codec_cfg, key)
+        if (not isinstance(values, (list, tuple)) or not values
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values)):
+            raise ModelFileError(f"{section}: {key} must be a non-empty list of positive numbers; got {values!r}")
+    if any(not isinstance(v, int) for v in codec_cfg.upsampling_ratios):
+        raise ModelFileError(f"{section}: upsampling_ratios must be integers; got {codec_cfg.upsampling_ratios!r}")
+    if codec_cfg.num_quantizers < 1:
+        raise ModelFileError(f"{section}: target_bandwidths {codec_cfg.target_bandwidths} give no quantizer at "
+                             f"{codec_cfg.frame_rate} frames/s")
+    return codec_cfg
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Check that the decoder is one this engine computes exactly, and that it agrees with its codec."""
+    codec_cfg = _codec_config(hf, where)
+    require_int(hf["text_encoder"], "d_model", f"{where} text_encoder")
+    dec = hf["decoder"]
+    where = f"{where} decoder"
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "num_codebooks", "vocab_size"):
+        require_int(dec, key, where)
+    for key in ("audio_channels", "pad_token_id"):
+        if key in dec:
+            require_int(dec, key, where, minimum=0)
     if dec.get("activation_function", "gelu") != "gelu":
         raise ModelFileError(f"{where}: activation_function {dec['activation_function']!r} is not supported (only 'gelu')")
     if dec.get("scale_embedding", False):
@@ -95,7 +136,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     special = dec.get("pad_token_id", dec["vocab_size"])
     if special != dec["vocab_size"]:
         raise ModelFileError(f"{where}: pad_token_id {special} must equal vocab_size {dec['vocab_size']}")
-    return ModelConfig(
+    cfg = ModelConfig(
         hidden_size=dec["hidden_size"],
         num_layers=dec["num_hidden_layers"],
         num_heads=dec["num_attention_heads"],
@@ -109,23 +150,98 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         hop_length=codec_cfg.hop_length,
         audio_channels=channels,
     )
+    return cfg.validate(where)
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def convert_hf(src: str, dst: str, dtype: str | torch.dtype = "float32") -> ModelConfig:
-    """Convert the Hugging Face MusicGen directory `src` into an enginepy directory `dst`."""
+def source_fingerprint(directory: str, dtype: str) -> str:
+    """Identifies a source directory's content cheaply (its path and the names, sizes, mtimes of its files)
+    plus the dtype: the name of its converted copy in the cache, and how `enginepy cache` tells it is stale."""
+    h = hashlib.sha256(os.path.abspath(directory).encode())
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            st = os.stat(path)
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(dtype.encode())
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str):
+    """Exclusive flock on `directory` itself (no lock file to leave behind) for the duration of the block.
+    Conversions into one directory and `enginepy cache prune` take it; readers of a complete model never do."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived during a conversion: unwinds like Ctrl-C so that the temporary directory is removed."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While converting in the main thread, turn SIGTERM (default action: die on the spot, leaving a temporary
+    directory of the model's size behind) into an exception that runs the cleanup, then exit status 143."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def check_destination(dst: str) -> str:
+    """A DST that convert may write: creatable, and if it exists an empty or enginepy model directory."""
+    dst = check_creatable(dst, "destination", kind="directory")
+    if os.path.isdir(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, cfgmod.CONFIG_NAME)):
+        raise InvalidParameter(f"destination {dst} exists and is not an enginepy model directory; refusing to overwrite it")
+    return dst
+
+
+def convert_hf(src: str, dst: str, dtype: str | torch.dtype = "float32", reuse: bool = False) -> ModelConfig:
+    """Convert the Hugging Face MusicGen directory `src` into an enginepy directory `dst`.
+
+    An existing enginepy `dst` is replaced (the new one is renamed in, then the old one removed), unless
+    `reuse` is true and it is complete: then it is kept and its config returned (the cache's case, where
+    several processes may ask for the same conversion at once). Holds the lock of dst's parent throughout.
+    """
+    torch_dtype = parse_dtype(dtype)
+    check_destination(dst)
+    hf = read_hf_config(src)
+    model_config_from_hf(hf, os.path.join(src, "config.json"))  # refuse a bad config before making directories
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    with directory_lock(parent), _terminate_cleanly():
+        if reuse and os.path.isfile(os.path.join(dst, cfgmod.CONFIG_NAME)):
+            return ModelConfig.load(dst)
+        check_destination(dst)  # again: another process may have written it while this one waited
+        return _convert_locked(src, dst, torch_dtype, parent)
+
+
+def _convert_locked(src: str, dst: str, torch_dtype: torch.dtype, parent: str) -> ModelConfig:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, EncodecConfig, EncodecModel, T5Config, T5EncoderModel
-    torch_dtype = parse_dtype(dtype)
-    hf = read_hf_config(src)
-    cfg = model_config_from_hf(hf)
+
+    hf = read_hf_config(src)  # read again under the lock: what is converted is what the fingerprint describes
+    where = os.path.join(src, "config.json")
+    cfg = model_config_from_hf(hf, where)
     cfg.dtype = dtype_name(torch_dtype)
-    cfg.source = {"kind": "huggingface", "path": os.path.abspath(src)}
-    if os.path.exists(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, cfgmod.CONFIG_NAME)):
-        raise ModelFileError(f"destination {dst} exists and is not an enginepy model directory; refusing to overwrite it")
+    cfg.source = {"kind": "huggingface", "path": os.path.abspath(src),
+                  "fingerprint": source_fingerprint(src, cfg.dtype)}
 
     state = read_state_dict(src)
     if cfg.text_hidden_size == cfg.hidden_size and "enc_to_dec_proj.weight" not in state:
@@ -142,30 +258,46 @@ def convert_hf(src: str, dst: str, dtype: str | torch.dtype = "float32") -> Mode
     packed = pack_decoder(state, cfg.num_layers, cfg.num_codebooks)
     packed = {k: v.to(torch.float32 if k.startswith("text_proj") else torch_dtype) for k, v in packed.items()}
 
-    parent = os.path.dirname(os.path.abspath(dst)) or "."
-    os.makedirs(parent, exist_ok=True)
+    remedy = "fix or download config.json again"
     tmp = tempfile.mkdtemp(prefix=".enginepy-convert-", dir=parent)
     try:
         with quiet_transformers():
-            text = T5EncoderModel(T5Config(**hf["text_encoder"]))
+            with reading(where, "the text_encoder section is not a valid T5 configuration", remedy):
+                text = T5EncoderModel(T5Config(**hf["text_encoder"]))
             load_submodule_state(text, _split(state, "text_encoder."), f"{src} text encoder weights")
             text.save_pretrained(os.path.join(tmp, cfgmod.TEXT_ENCODER_DIR))
-            codec = EncodecModel(EncodecConfig(**hf["audio_encoder"]))
+            with reading(where, "the audio_encoder section is not a valid EnCodec configuration", remedy):
+                codec = EncodecModel(EncodecConfig(**hf["audio_encoder"]))
             load_submodule_state(codec, _split(state, "audio_encoder."), f"{src} codec weights")
             codec.save_pretrained(os.path.join(tmp, cfgmod.CODEC_DIR))
             if not any(os.path.isfile(os.path.join(src, n)) for n in TOKENIZER_FILES):
                 raise ModelFileError(f"{src}: tokenizer files are missing (expected one of {', '.join(TOKENIZER_FILES)})")
-            try:
+            with reading(src, "the tokenizer files are damaged or unreadable", "download the checkpoint again"):
                 tokenizer = AutoTokenizer.from_pretrained(src)
-            except (OSError, ValueError) as e:
-                raise ModelFileError(f"{src}: tokenizer files are missing or unreadable ({e})") from None
             tokenizer.save_pretrained(os.path.join(tmp, cfgmod.TOKENIZER_DIR))
-            save_file(packed, os.path.join(tmp, cfgmod.DECODER_WEIGHTS), metadata={"format": "pt"})
-            cfg.save(tmp)
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+        save_file(packed, os.path.join(tmp, cfgmod.DECODER_WEIGHTS), metadata={"format": "pt"})
+        cfg.save(tmp)  # last: a directory with enginepy.json is complete
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other new directory
+        _replace_directory(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
+
+
+def _replace_directory(new: str, dst: str) -> None:
+    """Rename `new` to `dst`. An existing dst is first renamed aside and removed only once `new` is in place,
+    so dst is never a half-deleted directory (a reader that opened its files keeps reading them)."""
+    if not os.path.lexists(dst):
+        os.replace(new, dst)
+        return
+    old = new + ".old"
+    os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,20 +1,23 @@
-"""Finding and loading a model: converted enginepy directory, Hugging Face directory, or hub id."""
+"""Finding and loading a model (converted enginepy directory, Hugging Face directory, or hub id), and the
+cache of converted copies (`enginepy cache list | prune`)."""
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
+import time
+from dataclasses import dataclass
 
 import torch
 
 from . import config as cfgmod
 from .codec import Codec
-from .conditioning import TextConditioner
+from .conditioning import DEFAULT_TEXT_TOKENS, TextConditioner, check_max_text_len
 from .config import ModelConfig
-from .convert import convert_hf
-from .errors import InvalidParameter, ModelFileError
+from .convert import TOKENIZER_FILES, convert_hf, directory_lock, source_fingerprint
+from .errors import EnginepyError, InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .model import MusicGenDecoder
-from .weights import check_keys, packed_shapes
+from .weights import check_keys, load_safetensors, packed_shapes, reading
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
@@ -34,8 +37,13 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise InvalidParameter(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise InvalidParameter(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise InvalidParameter(f"device {device!r}: the CPU is one device (its cores are used by threads); use 'cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameter(f"device {device!r} was requested but CUDA is not available on this machine; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise InvalidParameter(f"device {device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     return dev
 
 
@@ -57,18 +65,6 @@ def default_dtype(device: torch.device) -> str:
     return "float32"
 
 
-def _fingerprint(directory: str, dtype: str) -> str:
-    """Identifies a source directory's content cheaply (names, sizes, mtimes of its files) plus the dtype."""
-    h = hashlib.sha256(os.path.abspath(directory).encode())
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            st = os.stat(path)
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(dtype.encode())
-    return h.hexdigest()[:20]
-
-
 def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> str:
     """Return a converted enginepy directory for `path`, converting a Hugging Face directory once into the cache."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
@@ -78,9 +74,11 @@ def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> st
         if os.path.isfile(os.path.join(path, cfgmod.CONFIG_NAME)):
             return path
         if os.path.isfile(os.path.join(path, "config.json")):
-            target = os.path.join(cache_dir or default_cache_dir(), _fingerprint(path, dtype))
+            target = os.path.join(cache_dir or default_cache_dir(), source_fingerprint(path, dtype))
+            # A complete copy is never replaced: readers need no lock. Otherwise convert under the cache's
+            # lock; a process that waited for another's conversion of the same source reuses it.
             if not os.path.isfile(os.path.join(target, cfgmod.CONFIG_NAME)):
-                convert_hf(path, target, dtype)
+                convert_hf(path, target, dtype, reuse=True)
             return target
         if os.path.isfile(os.path.join(path, "state_dict.bin")):
             raise ModelFileError(
@@ -101,31 +99,170 @@ def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> st
     raise ModelFileError(f"model directory {path} does not exist")
 
 
-def load_decoder(directory: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> MusicGenDecoder:
-    """decoder.safetensors -> MusicGenDecoder on `device`, checking every key and shape."""
-    from safetensors.torch import load_file
+REMEDY = "convert the model again (`enginepy cache prune` removes a damaged cached copy)"
 
+
+def load_decoder(directory: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> MusicGenDecoder:
+    """decoder.safetensors -> MusicGenDecoder on `device`, checking every key, shape and dtype."""
     path = os.path.join(directory, cfgmod.DECODER_WEIGHTS)
     if not os.path.isfile(path):
         raise ModelFileError(f"{directory}: {cfgmod.DECODER_WEIGHTS} is missing")
-    weights = load_file(path)
+    weights = load_safetensors(path, REMEDY)
     expected = packed_shapes(cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size)
     check_keys(weights, expected, path)
+    not_float = sorted(k for k, v in weights.items() if not v.is_floating_point())
+    if not_float:
+        raise ModelFileError(f"{path}: tensors {', '.join(not_float)} are not floating point; {REMEDY}")
     weights = {k: v.to(device=device, dtype=torch.float32 if k.startswith("text_proj") else dtype) for k, v in weights.items()}
     return MusicGenDecoder(cfg, weights)
 
 
-def load_components(directory: str, dtype: torch.dtype, device: torch.device):
-    """(config, decoder, text conditioner, codec) of a converted directory."""
+def _load_pretrained(model_class, path: str, what: str):
+    """transformers' from_pretrained (fp32) with every failure, missing or unexpected key as a ModelFileError:
+    from_pretrained would otherwise initialise missing weights at random with only a warning."""
+    with reading(path, f"the {what} files are damaged or unreadable", REMEDY):
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    problems = [f"{label}: {', '.join(sorted(map(str, info.get(key) or ())))}"
+                for key, label in (("missing_keys", "missing keys"), ("unexpected_keys", "unexpected keys"),
+                                   ("mismatched_keys", "shape mismatches")) if info.get(key)]
+    if problems:
+        raise ModelFileError(f"{path}: {' | '.join(problems)}; {REMEDY}")
+    return model
+
+
+def _check_agrees(directory: str, cfg: ModelConfig, t5_cfg, codec_cfg) -> None:
+    """enginepy.json must describe the codec and text encoder it sits beside: a sample rate that disagrees
+    would write a WAV whose header lies, a codebook size that disagrees would decode garbage."""
+    pairs = [
+        ("sample_rate", cfg.sample_rate, "codec", "sampling_rate", codec_cfg.sampling_rate),
+        ("hop_length", cfg.hop_length, "codec", "hop_length", codec_cfg.hop_length),
+        ("frame_rate", cfg.frame_rate, "codec", "frame_rate", codec_cfg.frame_rate),
+        ("vocab_size", cfg.vocab_size, "codec", "codebook_size", codec_cfg.codebook_size),
+        ("text_hidden_size", cfg.text_hidden_size, "text_encoder", "d_model", t5_cfg.d_model),
+    ]
+    for ours, value, sub, theirs, other in pairs:
+        if value != other:
+            raise ModelFileError(f"{directory}: {cfgmod.CONFIG_NAME} {ours} {value} disagrees with {sub}/config.json "
+                                 f"{theirs} {other}; {REMEDY}")
+    per_channel = cfg.num_codebooks // cfg.audio_channels
+    if per_channel > codec_cfg.num_quantizers:
+        raise ModelFileError(f"{directory}: num_codebooks {cfg.num_codebooks} needs {per_channel} quantizers per "
+                             f"channel but codec/ has {codec_cfg.num_quantizers}; {REMEDY}")
+
+
+def load_components(directory: str, dtype: torch.dtype, device: torch.device, max_text_len: int = DEFAULT_TEXT_TOKENS):
+    """(config, decoder, text conditioner, codec) of a converted directory; every file checked, damage reported
+    as ModelFileError naming the file. The conditioner refuses prompts longer than max_text_len tokens."""
     from transformers import AutoTokenizer, EncodecModel, T5EncoderModel
 
+    check_max_text_len(max_text_len)
     cfg = ModelConfig.load(directory)
     for sub in (cfgmod.TEXT_ENCODER_DIR, cfgmod.CODEC_DIR, cfgmod.TOKENIZER_DIR):
         if not os.path.isdir(os.path.join(directory, sub)):
             raise ModelFileError(f"{directory}: the {sub}/ directory is missing; convert the model again")
+    tok_dir = os.path.join(directory, cfgmod.TOKENIZER_DIR)
+    if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES):
+        raise ModelFileError(f"{tok_dir}: tokenizer files are missing (expected one of {', '.join(TOKENIZER_FILES)}); {REMEDY}")
     decoder = load_decoder(directory, cfg, dtype, device)
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, cfgmod.TOKENIZER_DIR))
-        t5 = T5EncoderModel.from_pretrained(os.path.join(directory, cfgmod.TEXT_ENCODER_DIR), dtype=torch.float32)
-        encodec = EncodecModel.from_pretrained(os.path.join(directory, cfgmod.CODEC_DIR), dtype=torch.float32)
-    return cfg, decoder, TextConditioner(tokenizer, t5, device), Codec(encodec, cfg.audio_channels, device)
+        with reading(tok_dir, "the tokenizer files are damaged or unreadable", REMEDY):
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        t5 = _load_pretrained(T5EncoderModel, os.path.join(directory, cfgmod.TEXT_ENCODER_DIR), "text encoder")
+        encodec = _load_pretrained(EncodecModel, os.path.join(directory, cfgmod.CODEC_DIR), "codec")
+    _check_agrees(directory, cfg, t5.config, encodec.config)
+    conditioner = TextConditioner(tokenizer, t5, device, max_tokens=max_text_len)
+    return cfg, decoder, conditioner, Codec(encodec, cfg.audio_channels, device, num_codebooks=cfg.num_codebooks)
+
+
+# The cache of converted copies: one directory per (source content, dtype), named by source_fingerprint.
+GENERATED_MODELS = ("bench-random-", "demo-random-model")  # Hugging Face directories bench / demo build
+TEMP_PREFIX = ".enginepy-convert-"
+
+
+@dataclass
+class CacheEntry:
+    """One directory in the cache. status: 'current' (its source is unchanged), 'stale' (the source changed
+    since: a new copy will be made and this one is unused), 'source missing', 'damaged' (unreadable
+    enginepy.json), 'incomplete' (left by a killed conversion) or 'generated' (a random model of bench/demo)."""
+
+    path: str
+    status: str
+    source: str | None
+    dtype: str | None
+    size_bytes: int
+    modified: float  # seconds since the epoch
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _entry(path: str) -> CacheEntry | None:
+    name = os.path.basename(path)
+    size, modified = _tree_size(path), os.stat(path).st_mtime
+    if name.startswith(TEMP_PREFIX):
+        return CacheEntry(path, "incomplete", None, None, size, modified)
+    if name.startswith(GENERATED_MODELS):
+        return CacheEntry(path, "generated", None, None, size, modified)
+    if not os.path.isfile(os.path.join(path, cfgmod.CONFIG_NAME)):
+        return None  # not ours
+    try:
+        cfg = ModelConfig.load(path)
+    except EnginepyError:
+        return CacheEntry(path, "damaged", None, None, size, modified)
+    source = cfg.source.get("path") if isinstance(cfg.source.get("path"), str) else None
+    # Copies made before the fingerprint was recorded are named by it.
+    recorded = cfg.source.get("fingerprint") or name
+    if source is None or not os.path.isdir(source):
+        status = "source missing"
+    elif source_fingerprint(source, cfg.dtype) != recorded:
+        status = "stale"
+    else:
+        status = "current"
+    modified = os.stat(os.path.join(path, cfgmod.CONFIG_NAME)).st_mtime
+    return CacheEntry(path, status, source, cfg.dtype, size, modified)
+
+
+def list_cache(cache_dir: str | None = None) -> list[CacheEntry]:
+    """Every directory enginepy made in the cache, oldest first."""
+    cache_dir = cache_dir or default_cache_dir()
+    if not os.path.isdir(cache_dir):
+        return []
+    entries = []
+    for name in sorted(os.listdir(cache_dir)):
+        path = os.path.join(cache_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            entry = _entry(path)
+            if entry is not None:
+                entries.append(entry)
+    return sorted(entries, key=lambda e: e.modified)
+
+
+def prune_cache(cache_dir: str | None = None, everything: bool = False, dry_run: bool = False) -> list[CacheEntry]:
+    """Remove (and return) the cache entries nothing will use again: stale, source missing, damaged and
+    incomplete ones; with everything=True all of them. Holds the cache's conversion lock, so no conversion
+    is under way (an 'incomplete' directory is then certainly abandoned)."""
+    cache_dir = cache_dir or default_cache_dir()
+    if not os.path.isdir(cache_dir):
+        return []
+    with directory_lock(cache_dir):
+        doomed = [e for e in list_cache(cache_dir)
+                  if everything or e.status in ("stale", "source missing", "damaged", "incomplete")]
+        if not dry_run:
+            for entry in doomed:
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return doomed
+
+
+def format_cache_entry(entry: CacheEntry) -> str:
+    """One line: status, dtype, size, date, source and path."""
+    size = f"{entry.size_bytes / 2**20:,.1f} MB"
+    date = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified))
+    return f"{entry.status:<14} {entry.dtype or '-':<9} {size:>11}  {date}  {entry.source or '-'}  ->  {entry.path}"

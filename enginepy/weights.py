@@ -18,39 +18,71 @@ Packed decoder layout (decoder.safetensors), L layers, K codebooks, D hidden, F 
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 
 import torch
 
-from .errors import ModelFileError
+from .config import read_json_object
+from .errors import EnginepyError, ModelFileError
 
 HF_DECODER = "decoder.model.decoder."
 # Present in some checkpoints, recomputed by every implementation: safe to drop.
 IGNORED_KEYS = ("decoder.model.decoder.embed_positions.weights",)
 
 
-def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face checkpoint directory: model.safetensors, sharded safetensors or .bin."""
+def _reason(e: BaseException) -> str:
+    """'Type: first line of the message', at most 200 characters: enough to tell truncation from garbage."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def reading(path: str, problem: str, remedy: str):
+    """Any failure inside the block (a library reading `path`) becomes one ModelFileError naming `path`:
+    '<path>: <problem> (<exception type>: <first line>); <remedy>'."""
+    try:
+        yield
+    except EnginepyError:
+        raise
+    except Exception as e:  # safetensors, pickle, json, transformers: each has its own exception types
+        raise ModelFileError(f"{path}: {problem} ({_reason(e)}); {remedy}") from e
+
+
+def load_safetensors(path: str, remedy: str) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file; a truncated, empty or foreign file is a ModelFileError naming it."""
     from safetensors.torch import load_file
 
+    with reading(path, "not a readable safetensors file (damaged or truncated?)", remedy):
+        return load_file(path)
+
+
+def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory: model.safetensors, sharded safetensors or .bin."""
+    remedy = "download the checkpoint again"
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     binary = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(single):
-        return load_file(single)
+        return load_safetensors(single, remedy)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelFileError(f"{index}: 'weight_map' must map tensor names to shard file names")
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in sorted(set(weight_map.values())):
             path = os.path.join(directory, shard)
             if not os.path.isfile(path):
                 raise ModelFileError(f"{directory}: shard {shard} listed in model.safetensors.index.json is missing")
-            state.update(load_file(path))
+            state.update(load_safetensors(path, remedy))
         return state
     if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        with reading(binary, "not a readable PyTorch checkpoint (damaged or truncated?)", remedy):
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelFileError(f"{binary}: expected a dict of tensors (a state dict); got {type(state).__name__}")
+        return state
     raise ModelFileError(
         f"{directory}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
     )

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from enginepy.config import ModelConfig
 from enginepy.convert import convert_hf
-from enginepy.errors import ModelFileError
+from enginepy.errors import InvalidParameter, ModelFileError
 from hf_reference import load_hf
 
 
@@ -148,6 +148,6 @@ def test_missing_files_are_named(tiny_hf, tmp_path):
 def test_refuses_to_overwrite_a_foreign_directory(tiny_hf, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(ModelFileError, match="refusing to overwrite"):
+    with pytest.raises(InvalidParameter, match="refusing to overwrite"):
         convert_hf(tiny_hf, str(tmp_path / "precious"))
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
