@@ -3,27 +3,38 @@
     python benchmarks/report.py                 # writes benchmarks/results/bench.png and updates README.md
     python benchmarks/report.py --check         # exit 1 if README.md's table is not what the JSON says
 
+Only the committed version of each result file is used (what `git show HEAD:<file>` gives): a smoke run's
+JSON, or a re-run not yet committed, never reaches the README. To publish a new result, commit its JSON first.
 Every table row names the device it was measured on.
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import fnmatch
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RESULTS = "benchmarks/results"
+PATTERN = "bench-*.json"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
-def load_results(directory: str = RESULTS) -> list[dict]:
-    results = []
-    for path in sorted(glob.glob(os.path.join(directory, "bench-*.json"))):
-        with open(path) as f:
-            results.append(json.load(f))
-    return results
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def committed_results(root: str = ROOT) -> tuple[list[dict], list[str]]:
+    """(results committed at HEAD, in file-name order; result files on disk whose content is not committed)."""
+    names = [n for n in _git(root, "ls-tree", "-r", "--name-only", "HEAD", "--", RESULTS).splitlines()
+             if fnmatch.fnmatch(os.path.basename(n), PATTERN)]
+    results = [json.loads(_git(root, "show", f"HEAD:{n}")) for n in sorted(names)]
+    changed = set(_git(root, "diff", "--name-only", "HEAD", "--", RESULTS).splitlines())
+    on_disk = sorted(f"{RESULTS}/{n}" for n in os.listdir(os.path.join(root, RESULTS)) if fnmatch.fnmatch(n, PATTERN))
+    uncommitted = [n for n in on_disk if n not in names or n in changed]
+    return results, uncommitted
 
 
 def table(results: list[dict]) -> str:
@@ -92,7 +103,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that README.md is current")
     args = parser.parse_args()
-    results = load_results()
+    results, uncommitted = committed_results()
+    for name in uncommitted:
+        print(f"note: {name} is not committed (or differs from HEAD): left out; commit it to publish it", file=sys.stderr)
     text = table(results) if results else "No benchmark results are committed yet."
     if args.check:
         ok = update_readme(text, check=True)
@@ -100,7 +113,7 @@ def main() -> int:
         return 0 if ok else 1
     update_readme(text)
     if results:
-        plot(results, os.path.join(RESULTS, "bench.png"))
+        plot(results, os.path.join(ROOT, RESULTS, "bench.png"))
     print(text)
     return 0
 

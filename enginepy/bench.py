@@ -26,6 +26,7 @@ from .loading import default_cache_dir
 from .random_model import RELEASED_SHAPES, RandomModelSpec, build_random_hf_model, released_spec
 
 PROMPT = "lo-fi beat with warm piano and soft drums"
+TOP_K = 250  # audiocraft's default; a vocabulary smaller than this samples over all of it
 
 
 @dataclass
@@ -151,10 +152,11 @@ def _bytes_per_step(weight_bytes: int, layers: int, hidden: int, rows: int, step
 
 
 def bench_enginepy(mg, batch: int, duration: float, copy_gbps: float, repeats: int = 1) -> BenchRow:
-    """Time MusicGen.generate (T5 + decode + EnCodec) and its decode steps."""
+    """Time MusicGen.generate (T5 + decode + EnCodec) and its decode steps. Sampling is top-k 250, or the whole
+    vocabulary when it is smaller (what the result's config records as top_k)."""
     device = mg.device
     prompts = [PROMPT] * batch
-    mg.set_generation_params(duration=duration, top_k=min(250, mg.cfg.vocab_size), cfg_coef=3.0, seed=0)
+    mg.set_generation_params(duration=duration, top_k=min(TOP_K, mg.cfg.vocab_size), cfg_coef=3.0, seed=0)
     mg.generate(prompts)  # warm-up: kernels compiled, graphs captured
     stamps: list[float] = []
 
@@ -206,7 +208,7 @@ def bench_transformers(hf_dir: str, device: torch.device, dtype: torch.dtype, ba
             stamps.append(time.perf_counter())
             return scores
 
-    kwargs = dict(do_sample=True, top_k=min(250, dec.vocab_size), guidance_scale=3.0, max_new_tokens=frames + max_delay)
+    kwargs = dict(do_sample=True, top_k=min(TOP_K, dec.vocab_size), guidance_scale=3.0, max_new_tokens=frames + max_delay)
     with torch.no_grad():
         model.generate(**inputs, **kwargs)  # warm-up
         model.generate(**inputs, logits_processor=LogitsProcessorList([Stamp()]), **kwargs)
@@ -243,13 +245,13 @@ def run_bench(model: str = "small", device: str | None = None, dtype: str | None
         f"| copy {copy_gbps:.1f} GB/s | model {model} | {duration:g} s of audio")
     log(f"{'engine':<20} {'dtype':<9} {'batch':>5} {'ms/step p50':>11} {'p99':>8} {'render s':>9} {'audio s/s':>9} "
         f"{'peak MB':>8} {'GB/s':>7} {'vs hf':>6}")
-    frames = None
+    frames = top_k = None
     for backend in backends:
         mg = MusicGen.from_pretrained(hf_dir, device=dev, dtype=dtype, backend=backend, max_batch=max(batches),
                                       max_duration=max(duration, 1.0), cache_dir=cache_dir)
         for batch in batches:
             rows.append(bench_enginepy(mg, batch, duration, copy_gbps, repeats))
-            frames = mg.frames
+            frames, top_k = mg.frames, min(TOP_K, mg.cfg.vocab_size)
         del mg
     if transformers:
         hf_torch_dtype = parse_dtype(hf_dtype or ("float32" if dev.type == "cpu" else (dtype or "bfloat16")))
@@ -263,7 +265,7 @@ def run_bench(model: str = "small", device: str | None = None, dtype: str | None
         log(f"{row.engine:<20} {row.dtype:<9} {row.batch:>5} {row.ms_step_p50:>11.2f} {row.ms_step_p99:>8.2f} "
             f"{row.render_s:>9.3f} {row.audio_s_per_s:>9.3f} {row.peak_mem_mb:>8.0f} {row.achieved_gbps:>7.1f} {vs:>6}")
     config = {"model": model, "duration_s": duration, "frames": frames, "batches": list(batches),
-              "backends": list(backends), "cfg_coef": 3.0, "top_k": 250, "repeats": repeats}
+              "backends": list(backends), "cfg_coef": 3.0, "top_k": top_k, "repeats": repeats}
     return {"environment": env, "config": config, "rows": [asdict(r) for r in rows]}
 
 
