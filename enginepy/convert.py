@@ -56,11 +56,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
+def missing_model_directory(path: str) -> ModelFileError:
+    """The error for a model path that is not a directory: absent, or a file."""
+    return ModelFileError(f"model directory {path} " + ("is a file, not a directory" if os.path.exists(path) else "does not exist"))
+
+
 def read_hf_config(src: str) -> dict:
     """config.json of a Hugging Face MusicGen directory, with its three sections present as JSON objects."""
     path = os.path.join(src, "config.json")
     if not os.path.isdir(src):
-        raise ModelFileError(f"model directory {src} does not exist")
+        raise missing_model_directory(src)
     if not os.path.isfile(path):
         raise ModelFileError(f"{src}: config.json is missing (expected a Hugging Face MusicGen directory)")
     hf = read_json_object(path)

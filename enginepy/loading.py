@@ -13,7 +13,7 @@ from . import config as cfgmod
 from .codec import Codec
 from .conditioning import DEFAULT_TEXT_TOKENS, TextConditioner, check_max_text_len
 from .config import ModelConfig
-from .convert import TOKENIZER_FILES, convert_hf, directory_lock, source_fingerprint
+from .convert import TOKENIZER_FILES, convert_hf, directory_lock, missing_model_directory, source_fingerprint
 from .errors import EnginepyError, InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .model import MusicGenDecoder
@@ -96,7 +96,7 @@ def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> st
         except Exception as e:  # offline, unknown repo, auth: all mean the same to the user
             raise ModelFileError(f"{path} is not a local directory and could not be fetched from the hub ({type(e).__name__})") from None
         return resolve_model_dir(local, dtype, cache_dir)
-    raise ModelFileError(f"model directory {path} does not exist")
+    raise missing_model_directory(path)
 
 
 REMEDY = "convert the model again (`enginepy cache prune` removes a damaged cached copy)"

@@ -329,3 +329,12 @@ def test_cache_list_and_prune(tiny_hf, tmp_path, capsys):
     assert main(["cache", "prune", "--all", "--cache-dir", cache]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert os.listdir(cache) == ["notes"]
+
+
+def test_a_file_given_as_model_directory_is_named_as_such(tmp_path):
+    path = tmp_path / "model.wav"
+    path.write_bytes(b"RIFF")
+    with pytest.raises(ModelFileError, match=rf"^model directory {path} is a file, not a directory$"):
+        resolve_model_dir(str(path), "float32", str(tmp_path / "cache"))
+    with pytest.raises(ModelFileError, match=rf"^model directory {path} is a file, not a directory$"):
+        convert_hf(str(path), str(tmp_path / "out"))
