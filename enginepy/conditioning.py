@@ -34,28 +34,31 @@ class TextConditioner:
         self.device = device
         self.max_tokens = check_max_text_len(max_tokens)
 
-    def check_lengths(self, prompts: list[str]) -> list[int]:
-        """Token count of each prompt (with T5's end token); InvalidParameter naming the first one over max_tokens."""
+    def check_lengths(self, prompts: list[str], names: list[str] | None = None) -> list[int]:
+        """Token count of each prompt (with T5's end token); InvalidParameter naming the first one over max_tokens
+        by names[i] (default 'descriptions[i]', the index in the caller's list)."""
         # verbose=False: this check replaces transformers' "sequence is longer than" warning.
         lengths = [len(seq) for seq in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
         for i, n in enumerate(lengths):
             if n > self.max_tokens:
+                name = names[i] if names is not None else f"descriptions[{i}]"
                 raise InvalidParameter(
-                    f"descriptions[{i}] is {n} tokens long; the limit is {self.max_tokens} (raise max_text_len "
+                    f"{name} is {n} tokens long; the limit is {self.max_tokens} (raise max_text_len "
                     f"in from_pretrained or --max-text-len, up to {MAX_TEXT_TOKENS}, or shorten the prompt)"
                 )
         return lengths
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts [B] -> states fp32 [B, Tt, Dt] (Tt = the longest prompt's tokens), mask bool [B, Tt]."""
-        self.check_lengths(prompts)
+    def encode(self, prompts: list[str], names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts [B] -> states fp32 [B, Tt, Dt] (Tt = the longest prompt's tokens), mask bool [B, Tt].
+        A prompt over the limit is refused by names[i] (see check_lengths) before T5 runs."""
+        self.check_lengths(prompts, names)
         batch = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return states.float(), mask.bool()
 
-    def encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt -> states fp32 [1, Tt, Dt], mask bool [1, Tt] (all True: no padding)."""
-        return self.encode([prompt])
+    def encode_one(self, prompt: str, name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt -> states fp32 [1, Tt, Dt], mask bool [1, Tt] (all True: no padding); refused as `name`."""
+        return self.encode([prompt], [name])

@@ -75,7 +75,9 @@ def test_load_components_passes_max_text_len_to_the_conditioner(tiny_hf, engine_
     directory = resolve_model_dir(tiny_hf, "float32", engine_cache)
     _, _, conditioner, _ = load_components(directory, torch.float32, torch.device("cpu"), max_text_len=12)
     assert conditioner.max_tokens == 12
-    with pytest.raises(InvalidParameter, match="the limit is 12"):
+    with pytest.raises(InvalidParameter, match="^prompt is 13 tokens long; the limit is 12"):
         conditioner.encode_one(" ".join(["jazz"] * 12))
+    with pytest.raises(InvalidParameter, match=r"^descriptions\[2\] is 13 tokens long"):
+        conditioner.check_lengths(["a", "b", " ".join(["jazz"] * 12)])
     with pytest.raises(InvalidParameter, match="max_text_len must be an integer in"):
         load_components(directory, torch.float32, torch.device("cpu"), max_text_len=600)
