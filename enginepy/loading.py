@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import config as cfgmod
+from .audio_io import check_creatable
 from .codec import Codec
 from .conditioning import DEFAULT_TEXT_TOKENS, TextConditioner, check_max_text_len
 from .config import ModelConfig
@@ -78,6 +79,7 @@ def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> st
             # A complete copy is never replaced: readers need no lock. Otherwise convert under the cache's
             # lock; a process that waited for another's conversion of the same source reuses it.
             if not os.path.isfile(os.path.join(target, cfgmod.CONFIG_NAME)):
+                check_creatable(target, "the conversion cache ($ENGINEPY_CACHE or cache_dir)", kind="directory")
                 convert_hf(path, target, dtype, reuse=True)
             return target
         if os.path.isfile(os.path.join(path, "state_dict.bin")):

@@ -338,3 +338,9 @@ def test_a_file_given_as_model_directory_is_named_as_such(tmp_path):
         resolve_model_dir(str(path), "float32", str(tmp_path / "cache"))
     with pytest.raises(ModelFileError, match=rf"^model directory {path} is a file, not a directory$"):
         convert_hf(str(path), str(tmp_path / "out"))
+
+
+def test_an_unusable_cache_is_named(tiny_hf, tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    with pytest.raises(InvalidParameter, match=r"^the conversion cache \(\$ENGINEPY_CACHE or cache_dir\) .*cache/"):
+        resolve_model_dir(tiny_hf, "float32", str(tmp_path / "cache"))
