@@ -9,26 +9,36 @@
 from __future__ import annotations
 
 import secrets
+import threading
 
 import torch
 
 from . import ops
+from .conditioning import check_max_text_len
 from .convert import dtype_name, parse_dtype
 from .errors import InvalidParameter
-from .fast import FastDecoder
-from .generate import SamplingParams, generate_codes
+from .engine import Engine, ReferenceRunner
+from .engine.fast import FastRunner
+from .engine.request import make_params
+from .codec_stream import StreamingDecoder
+from .generate import StepReporter, generate_tokens
+from .precision import fp32_matmul_exact
 from .loading import default_dtype, load_components, parse_device, resolve_model_dir
-from .params import check_duration, check_prompts, check_sampling
+from .params import check_duration, check_prompts
 
 BACKENDS = ("reference", "fast")
-DEFAULT_TOP_K = 250
+
+
+def default_backend(device: torch.device) -> str:
+    """'fast' on CUDA (the reference backend is the oracle, slower than transformers there), else 'reference'."""
+    return "fast" if device.type == "cuda" else "reference"
 
 
 class MusicGen:
     """A loaded MusicGen model. Use `MusicGen.from_pretrained`."""
 
     def __init__(self, cfg, decoder, conditioner, codec, device: torch.device, backend: str, max_duration: float,
-                 fast: FastDecoder | None = None):
+                 max_batch: int = 8, max_text_len: int = 256):
         self.cfg = cfg
         self.decoder = decoder
         self.conditioner = conditioner
@@ -36,8 +46,12 @@ class MusicGen:
         self.device = device
         self.backend = backend
         self.max_duration = max_duration
-        self.fast = fast
+        self.max_batch = max_batch
+        self.max_text_len = max_text_len
         self._progress_callback = None
+        self._lock = threading.Lock()
+        # The fast backend's engine owns static buffers and CUDA graphs: built once, reused by every generate call.
+        self._engine = self.engine(max_batch) if backend == "fast" else None
         self.set_generation_params(duration=min(15.0, max_duration))
 
     @classmethod
@@ -46,7 +60,7 @@ class MusicGen:
         path: str,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        backend: str = "reference",
+        backend: str | None = None,
         max_duration: float = 30.0,
         cache_dir: str | None = None,
         max_batch: int = 8,
@@ -57,31 +71,32 @@ class MusicGen:
 
         device: 'cpu' | 'cuda' | 'cuda:N' (default: cuda when available); dtype of the decoder:
         'float32' | 'float16' | 'bfloat16' (default bfloat16 on CUDA and on CPUs with native bf16, else
-        float32; use float32 for token-exact parity with transformers' fp32 model); backend: 'reference'
-        (plain PyTorch, any device) or 'fast' (Triton + C++ + CUDA graphs; on CPU only under TRITON_INTERPRET=1);
-        max_duration: the longest audio (seconds) a call may ask for. The fast backend sizes its static buffers
-        and KV cache for max_batch prompts of max_duration seconds with prompts of up to max_text_len tokens.
+        float32; use float32 for token-exact parity with transformers' fp32 model); backend: 'fast' (Triton +
+        C++ + CUDA graphs; the default on CUDA; on CPU only under TRITON_INTERPRET=1) or 'reference' (plain
+        PyTorch, any device; the default elsewhere); max_duration: the longest audio (seconds) a request may ask
+        for; max_batch: requests decoded together by `generate` (more prompts queue and join as others finish;
+        the fast backend sizes its static buffers and KV cache for it); max_text_len: the longest prompt in T5
+        tokens (both backends refuse longer prompts before encoding them).
         """
+        dev = parse_device(device)
+        if backend is None:
+            backend = default_backend(dev)
         if backend not in BACKENDS:
             raise InvalidParameter(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        dev = parse_device(device)
         torch_dtype = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         if isinstance(max_duration, bool) or not isinstance(max_duration, (int, float)) or not 0 < max_duration < float("inf"):
             raise InvalidParameter(f"max_duration must be a positive number of seconds; got {max_duration!r}")
-        for name, value in (("max_batch", max_batch), ("max_text_len", max_text_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameter(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidParameter(f"max_batch must be a positive integer; got {max_batch!r}")
+        check_max_text_len(max_text_len)
         if backend == "fast" and not ops.triton_usable(dev):
             raise InvalidParameter(
                 "backend 'fast' needs a CUDA device, or TRITON_INTERPRET=1 exported before import to run its "
                 "Triton kernels on CPU (slow: for tests); use backend='reference' on CPU"
             )
         directory = resolve_model_dir(path, dtype_name(torch_dtype), cache_dir)
-        cfg, decoder, conditioner, codec = load_components(directory, torch_dtype, dev)
-        fast = None
-        if backend == "fast":
-            fast = FastDecoder(decoder, max_batch, int(max_duration * cfg.frame_rate), max_text_len=max_text_len)
-        return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration), fast)
+        cfg, decoder, conditioner, codec = load_components(directory, torch_dtype, dev, max_text_len)
+        return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration), max_batch, max_text_len)
 
     @property
     def sample_rate(self) -> int:
@@ -108,17 +123,11 @@ class MusicGen:
         """Settings for the next `generate` calls (audiocraft's defaults). Row i of a call uses seed + i;
         seed None draws a fresh random seed per call. Greedy when use_sampling is False or temperature is 0.
         top_k None means audiocraft's 250 (or the whole vocabulary when it is smaller than that)."""
-        if top_k is None:
-            top_k = min(DEFAULT_TOP_K, self.cfg.vocab_size)
         frames = check_duration(duration, self.frame_rate, self.max_duration)
-        check_sampling(use_sampling, top_k, top_p, temperature, cfg_coef, seed, self.cfg.vocab_size)
+        self.params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed)
         self.duration = float(duration)
         self.frames = frames
         self.seed = seed
-        self.params = SamplingParams(
-            use_sampling=use_sampling, top_k=int(top_k), top_p=float(top_p),
-            temperature=float(temperature), cfg_coef=float(cfg_coef),
-        )
 
     def set_custom_progress_callback(self, callback=None) -> None:
         """callback(generated_steps, total_steps), called after every decode step (None to remove)."""
@@ -127,21 +136,70 @@ class MusicGen:
         self._progress_callback = callback
 
     def generate_tokens(self, descriptions, progress: bool = False) -> torch.Tensor:
-        """Prompts -> codes int64 [B, K, frames] (natural layout, on CPU)."""
+        """Prompts -> codes int64 [B, K, frames] (natural layout, on CPU). Prompt i uses seed + i."""
         prompts = check_prompts(descriptions)
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         if seed + len(prompts) - 1 > 2**63 - 1:
             raise InvalidParameter(f"seed + number of prompts must stay below 2**63; got seed {seed}")
-        seeds = torch.arange(len(prompts), dtype=torch.int64) + seed
-        states, mask = self.conditioner.encode(prompts)
-        cond = self.decoder.project_text(states, mask)
-        if self.fast is not None:
-            codes = self.fast.generate(cond, mask, self.frames, self.params, seeds, progress=progress,
-                                       on_step=self._progress_callback)
-        else:
-            codes = generate_codes(self.decoder, cond, mask, self.frames, self.params, seeds, progress=progress,
+        with self._lock, fp32_matmul_exact(self.decoder.dtype):
+            engine = self._engine if self._engine is not None else self.engine(min(len(prompts), self.max_batch))
+            return generate_tokens(engine, prompts, self.duration, self.params, seed, progress=progress,
                                    on_step=self._progress_callback)
-        return codes.cpu()
+
+    def engine(self, max_batch: int | None = None, max_waiting: int | None = None,
+               stream_audio: bool = False) -> Engine:
+        """A step engine (continuous batching) on this model: up to max_batch requests decode together (default:
+        from_pretrained's max_batch), up to max_waiting more queue (None: unbounded). With stream_audio, each
+        RequestOutput carries new_audio float32 [C, n]: the request's audio decoded as its frames complete
+        (streaming EnCodec, `StreamingDecoder.lookahead_frames` behind; the pieces join to `generate_audio`).
+        See enginepy.engine.Engine. With the fast backend each engine owns its own static buffers, KV pools and
+        CUDA graphs."""
+        if not isinstance(stream_audio, bool):
+            raise InvalidParameter(f"stream_audio must be True or False; got {stream_audio!r}")
+        if max_batch is None:
+            max_batch = self.max_batch
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidParameter(f"max_batch must be a positive integer; got {max_batch!r}")
+        if self.backend == "fast":
+            runner = FastRunner(self.decoder, self.conditioner, max_batch, int(self.max_duration * self.frame_rate),
+                                max_text_len=self.max_text_len)
+        else:
+            runner = ReferenceRunner(self.decoder, self.conditioner, max_batch)
+        streamer = StreamingDecoder(self.codec) if stream_audio else None
+        return Engine(runner, self.cfg, self.max_duration, max_waiting=max_waiting, streamer=streamer)
+
+    def generate_stream(self, description: str, progress: bool = False):
+        """Yield the audio of one prompt as it is generated: float32 [C, n] chunks on CPU (n > 0) that join to
+        `generate(description)[0]` (within 1e-4), with the current generation params (seed None: a random seed,
+        then in `last_seed`). The first chunk comes once a few frames exist (the delay pattern plus the codec's
+        lookahead); each later step adds one frame (hop_length samples)."""
+        if not isinstance(description, str):
+            raise InvalidParameter(f"description must be a string; got {type(description).__name__}")
+        seed = self.seed if self.seed is not None else secrets.randbits(62)
+        self.last_seed = seed
+        p = self.params
+        with self._lock, fp32_matmul_exact(self.decoder.dtype):
+            engine = self._stream_engine()
+            engine.add_request("stream", description, duration=self.duration, seed=seed, use_sampling=p.use_sampling,
+                               top_k=p.top_k, top_p=p.top_p, temperature=p.temperature, cfg_coef=p.cfg_coef)
+            steps = self.frames + self.cfg.max_delay
+            try:
+                with StepReporter(steps, progress, self._progress_callback) as report:
+                    while engine.has_unfinished_requests():
+                        for out in engine.step():
+                            if out.error is not None:
+                                raise out.error
+                            if out.new_audio is not None and out.new_audio.shape[-1]:
+                                yield out.new_audio.cpu()
+                        report()
+            finally:
+                engine.abort_request("stream")
+
+    def _stream_engine(self) -> Engine:
+        """A one-slot streaming engine, built once (the fast backend's holds static buffers and graphs)."""
+        if getattr(self, "_streaming", None) is None:
+            self._streaming = self.engine(max_batch=1, stream_audio=True)
+        return self._streaming
 
     def generate_audio(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int64 [B, K, T] -> float32 [B, C, T * hop_length] on CPU."""

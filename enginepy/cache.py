@@ -3,7 +3,8 @@
 Row r's position p lives in block block_tables[r, p // block_size], slot p % block_size, of every layer's
 pool. Block tables and sequence lengths are static device tensors (one row per batch slot), so the decode
 step has the same shapes at every step and can be captured in a CUDA graph. Blocks are given to a request
-when it starts and taken back when it finishes or is cancelled; `num_free` lets tests check for leaks.
+as it grows (one block per block_size positions) and taken back the moment it finishes or is aborted;
+`num_free` lets tests check for leaks.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ SCRATCH_BLOCK = 0
 
 
 class BlockAllocator:
-    """Free list of block ids 1 .. num_blocks-1 (host side; touched only between requests).
+    """Free list of block ids 1 .. num_blocks-1 (host side, touched between decode steps).
 
-    Block 0 is never handed out: padding rows of a batch bucket point all their table entries at it, so
-    their (ignored) K/V writes land there instead of in a live request's blocks.
+    Block 0 is never handed out: every unused block-table entry points at it, so a stray read lands there
+    instead of in a live request's blocks.
     """
 
     def __init__(self, num_blocks: int):
@@ -71,27 +72,17 @@ class PagedKVCache:
     def blocks_for(positions: int, block_size: int) -> int:
         return math.ceil(positions / block_size)
 
-    def assign(self, rows: int, positions: int) -> list[list[int]]:
-        """Give rows 0..rows-1 enough blocks for `positions` positions each; returns the blocks per row."""
-        n = self.blocks_for(positions, self.block_size)
-        if n > self.max_blocks_per_row:
-            raise InvalidParameter(
-                f"{positions} positions need {n} blocks per row but the cache allows {self.max_blocks_per_row}; "
-                "raise max_duration in from_pretrained"
-            )
-        owned: list[list[int]] = []
-        try:
-            for _ in range(rows):
-                owned.append(self.allocator.allocate(n))
-        except InvalidParameter:
-            self.release(owned)
-            raise
-        table = torch.full(tuple(self.block_tables.shape), SCRATCH_BLOCK, dtype=torch.int32)
-        for r, blocks in enumerate(owned):
-            table[r, :n] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_tables.copy_(table)
-        return owned
+    def grow(self, row: int, index: int) -> int:
+        """Give row `row` a block for its block-table entry `index` (positions index*block_size ...); returns it.
+        The table is updated on the device (one small copy, outside any captured graph)."""
+        if index >= self.max_blocks_per_row:
+            raise InvalidParameter(f"row {row} needs block {index} but a row has at most {self.max_blocks_per_row}; "
+                                   "raise max_duration in from_pretrained")
+        (block,) = self.allocator.allocate(1)
+        self.block_tables[row, index] = block
+        return block
 
-    def release(self, owned: list[list[int]]) -> None:
-        for blocks in owned:
-            self.allocator.free(blocks)
+    def clear_row(self, row: int, blocks: list[int]) -> None:
+        """Return a row's blocks to the pool and point its table back at the scratch block."""
+        self.allocator.free(blocks)
+        self.block_tables[row].fill_(SCRATCH_BLOCK)

@@ -81,6 +81,7 @@ class MusicGenDecoder(torch.nn.Module):
         self.cfg = cfg
         for name, tensor in weights.items():
             self.register_buffer(name.replace(".", "__"), tensor, persistent=False)
+        self.linear_impl = None
 
     def w(self, name: str) -> torch.Tensor:
         return getattr(self, name.replace(".", "__"))
@@ -119,41 +120,64 @@ class MusicGenDecoder(torch.nn.Module):
             vs.append(self._heads(v))
         return CrossKV(torch.stack(ks), torch.stack(vs), mask.bool())
 
-    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """tokens int64 [B, K, S] at positions start .. start+S-1 -> x [B, S, D]."""
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x [..., in] @ W[name].T -> [..., out]. `linear_impl(x, name)` replaces F.linear when set (packed CPU
+        weights); every matmul of a decode step goes through here, whichever backend runs the attention."""
+        if self.linear_impl is not None:
+            return self.linear_impl(x, name)
+        return F.linear(x, self.w(name))
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [R, K, S] at positions int64 [R, S] -> x [R, S, D] in the weight dtype.
+
+        The K embeddings and the position are summed in fp32, in codebook order, and rounded once, as the
+        fused embedding kernel does: the better function, and the same one in both backends.
+        """
         emb = self.w("emb")
-        x = emb[0][tokens[:, 0]]
+        x = emb[0][tokens[:, 0]].float()
         for k in range(1, tokens.shape[1]):
-            x = x + emb[k][tokens[:, k]]
-        positions = torch.arange(start, start + tokens.shape[2], device=tokens.device)
-        return x + sinusoid(positions, self.cfg.hidden_size).to(x.dtype)
+            x = x + emb[k][tokens[:, k]].float()
+        pos = sinusoid(positions.reshape(-1), self.cfg.hidden_size).view(*positions.shape, -1)
+        return (x + pos).to(self.dtype)
+
+    def layer(self, i: int, x: torch.Tensor, self_attn, cross_attn) -> torch.Tensor:
+        """One decoder layer on x [..., D]; the attention is injected so every backend shares this math.
+
+        self_attn(i, q, k, v) gets this step's projections [..., D] each (it caches k, v) and returns [..., D];
+        cross_attn(i, q) returns [..., D].
+        """
+        p = f"layers.{i}."
+        q, k, v = self.linear(self._ln(x, p + "ln1"), p + "qkv").chunk(3, dim=-1)
+        x = x + self.linear(self_attn(i, q, k, v), p + "out")
+        q = self.linear(self._ln(x, p + "ln_cross"), p + "cross_q")
+        x = x + self.linear(cross_attn(i, q), p + "cross_out")
+        h = F.gelu(self.linear(self._ln(x, p + "ln2"), p + "fc1"))
+        return x + self.linear(h, p + "fc2")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> logits [..., K, V] in the weight dtype (final LayerNorm, then one head per codebook)."""
+        return torch.einsum("...d,kvd->...kv", self._ln(x, "ln_out"), self.w("heads"))
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV) -> torch.Tensor:
-        """Run S steps at positions start .. start+S-1, writing their K/V into the cache.
-
-        tokens int64 [B, K, S] -> logits [B, K, S, V] in the weight dtype.
+        """Run S steps of every row at positions start .. start+S-1, writing their K/V into the cache (teacher
+        forcing and prefill). tokens int64 [B, K, S] -> logits [B, K, S, V] in the weight dtype.
         """
         b, _, s = tokens.shape
         end = start + s
         if end > cache.max_len:
             raise ValueError(f"position {end - 1} is beyond the KV cache ({cache.max_len} positions)")
-        x = self.embed(tokens, start)
-        q_pos = torch.arange(start, end, device=tokens.device)
-        causal = torch.arange(end, device=tokens.device)[None, :] <= q_pos[:, None]  # [S, end]
-        cross_allowed = cross.mask[:, None, None, :]  # [B, 1, 1, Tt]
-        for i in range(self.cfg.num_layers):
-            p = f"layers.{i}."
-            q, k, v = F.linear(self._ln(x, p + "ln1"), self.w(p + "qkv")).chunk(3, dim=-1)
+        positions = torch.arange(start, end, device=tokens.device)
+        x = self.embed(tokens, positions.expand(b, s))
+        causal = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]  # [S, end]
+
+        def self_attn(i, q, k, v):
             cache.k[i, :, :, start:end] = self._heads(k)
             cache.v[i, :, :, start:end] = self._heads(v)
-            h = attention(self._heads(q), cache.k[i, :, :, :end], cache.v[i, :, :, :end], causal)
-            x = x + F.linear(self._merge(h), self.w(p + "out"))
+            return self._merge(attention(self._heads(q), cache.k[i, :, :, :end], cache.v[i, :, :, :end], causal))
 
-            q = F.linear(self._ln(x, p + "ln_cross"), self.w(p + "cross_q"))
-            h = attention(self._heads(q), cross.k[i], cross.v[i], cross_allowed)
-            x = x + F.linear(self._merge(h), self.w(p + "cross_out"))
+        def cross_attn(i, q):
+            return self._merge(attention(self._heads(q), cross.k[i], cross.v[i], cross.mask[:, None, None, :]))
 
-            h = F.gelu(F.linear(self._ln(x, p + "ln2"), self.w(p + "fc1")))
-            x = x + F.linear(h, self.w(p + "fc2"))
-        x = self._ln(x, "ln_out")
-        return torch.einsum("bsd,kvd->bksv", x, self.w("heads"))
+        for i in range(self.cfg.num_layers):
+            x = self.layer(i, x, self_attn, cross_attn)
+        return self.logits(x).permute(0, 2, 1, 3)

@@ -1,6 +1,7 @@
 """The single dispatch point of the fast path: which implementation computes each op.
 
-  Triton (enginepy.kernels)   embedding, paged KV write, paged attention, cross-attention, CFG mix, sampling
+  Triton (enginepy.kernels)   embedding, paged KV write, paged attention (self- and cross-attention), CFG mix,
+                              sampling
                               on CUDA, or on CPU when TRITON_INTERPRET=1 was exported before import
   C++    (enginepy._C)        delay-pattern step ops (per-row step input and write), when the extension is built
   torch                       LayerNorm, matmuls, GELU; the delay step ops when the extension is absent
@@ -26,10 +27,10 @@ def triton_usable(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    from .kernels import cfg_mix, cross_attention, embedding, paged_attention, paged_kv_write, sample
+    from .kernels import cfg_mix, embedding, paged_attention, paged_kv_write, sample
 
-    return dict(cfg_mix=cfg_mix, cross_attention=cross_attention, embedding=embedding,
-                paged_attention=paged_attention, paged_kv_write=paged_kv_write, sample=sample)
+    return dict(cfg_mix=cfg_mix, embedding=embedding, paged_attention=paged_attention,
+                paged_kv_write=paged_kv_write, sample=sample)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,30 +48,31 @@ def embedding(tokens, table, positions, out=None):
     return _kernels()["embedding"].embedding(tokens, table, positions, out=out)
 
 
-def kv_write(k, v, k_cache, v_cache, block_tables, positions):
-    """Write one step's k, v [R, H, Dh] into the paged pools at each row's position, in place."""
-    _kernels()["paged_kv_write"].paged_kv_write(k, v, k_cache, v_cache, block_tables, positions)
+def kv_write(k, v, k_cache, v_cache, block_tables, positions, lengths=None):
+    """Write k, v [R, H, Dh] (one step) or [R, T, H, Dh] (T steps, lengths[r] of them) into the paged pools at
+    each row's position, in place; rows with a negative position write nothing."""
+    _kernels()["paged_kv_write"].paged_kv_write(k, v, k_cache, v_cache, block_tables, positions, lengths)
 
 
-def self_attention(q, k_cache, v_cache, block_tables, seq_lens, out=None):
-    """q [R, H, Dh] over each row's first seq_lens[r] cached positions -> [R, H, Dh]."""
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=None):
+    """q [R, H, Dh] over each row's first seq_lens[r] cached positions -> [R, H, Dh] (a row with none -> zeros).
+    Serves self-attention (the decode cache) and cross-attention (the text K/V, paged the same way)."""
     return _kernels()["paged_attention"].paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out)
 
 
-def cross_attention(q, k, v, mask, out=None):
-    """q [R, H, Dh] over text k, v [R, Tt, H, Dh] where mask [R, Tt] is set (no valid key -> zeros)."""
-    return _kernels()["cross_attention"].cross_attention(q, k, v, mask=mask, out=out)
+def cfg_mix_rows(logits, cond_rows, null_rows, cfg_coef, temperature, out=None):
+    """Per-request CFG mix: logits [R, K, V] -> fp32 [S, K, V] (see kernels/cfg_mix.py)."""
+    return _kernels()["cfg_mix"].cfg_mix_rows(logits, cond_rows, null_rows, cfg_coef, temperature, out=out)
 
 
-def cfg_mix(logits, cfg_coef, temperature, out=None):
-    """[2B, K, V] (cond rows, then null rows) -> fp32 [B, K, V], divided by temperature when it is > 0."""
-    return _kernels()["cfg_mix"].cfg_mix(logits, cfg_coef, temperature, out=out)
+def sample_settings(greedy, temperature, top_k, top_p, vocab, out=None):
+    """Per-row sampler settings [N] -> the sampling kernel's per-row arguments."""
+    return _kernels()["sample"].row_settings(greedy, temperature, top_k, top_p, vocab, out=out)
 
 
-def sample(logits, u, *, use_sampling, temperature, top_k, top_p, out=None):
-    """One token per row of fp32 logits [N, V] with caller-supplied uniforms u [N] -> int64 [N]."""
-    return _kernels()["sample"].sample(logits, u, use_sampling=use_sampling, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, out=out)
+def sample_rows(logits, u, settings, out=None):
+    """One token per row of fp32 logits [N, V] with uniforms u [N] and per-row settings -> int64 [N]."""
+    return _kernels()["sample"].sample_rows(logits, u, settings, out=out)
 
 
 def delay_step_input(codes, step, lengths, delays, special):

@@ -4,9 +4,9 @@ Modules (import the module, e.g. `from enginepy.kernels import embedding`, then 
 
   embedding         fused multi-codebook token embedding + sinusoidal position
   paged_kv_write    write new K/V steps into the paged KV cache
-  paged_attention   decode self-attention over the paged KV cache (one query per row)
+  paged_attention   decode attention over a paged KV cache (one query per row): self-attention over the
+                    decode cache, cross-attention over the prompt's K/V paged the same way
   paged_prefill     causal self-attention of many queries per row over the paged KV cache
-  cross_attention   attention over dense precomputed text K/V with per-row lengths or a key mask
   cfg_mix           classifier-free guidance mix of cond/null logits, with temperature
   sample            greedy / top-k / top-p sampling with caller-supplied uniforms
 
@@ -17,7 +17,6 @@ This package never imports the engine (`enginepy.*` modules outside `enginepy.ke
 
 __all__ = [
     "cfg_mix",
-    "cross_attention",
     "embedding",
     "paged_attention",
     "paged_kv_write",

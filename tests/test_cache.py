@@ -22,24 +22,26 @@ def test_allocator_hands_out_distinct_blocks_and_takes_them_back():
         alloc.free(a[:1])
 
 
-def test_assign_fills_tables_and_release_restores_the_pool():
+def test_rows_grow_block_by_block_and_clear_restores_the_pool():
     cache = PagedKVCache(2, 3, 4, num_blocks=1 + 4 * 3, block_size=4, max_rows=4, max_positions=12,
                          dtype=torch.float32, device=torch.device("cpu"))
-    owned = cache.assign(rows=3, positions=9)  # 3 blocks per row
-    assert [len(o) for o in owned] == [3, 3, 3]
+    owned = {r: [cache.grow(r, i) for i in range(3)] for r in range(3)}
     assert cache.allocator.num_free == 12 - 9
+    assert len({b for blocks in owned.values() for b in blocks}) == 9
     for r in range(3):
         assert cache.block_tables[r, :3].tolist() == owned[r]
-    assert (cache.block_tables[3] == SCRATCH_BLOCK).all()  # padding rows write only to the scratch block
-    cache.release(owned)
-    assert cache.allocator.num_free == 12
+    assert (cache.block_tables[3] == SCRATCH_BLOCK).all()  # an unused row points only at the scratch block
+    cache.clear_row(1, owned[1])
+    assert cache.allocator.num_free == 6 and (cache.block_tables[1] == SCRATCH_BLOCK).all()
+    assert cache.block_tables[0, :3].tolist() == owned[0]  # the other rows are untouched
 
 
-def test_assign_failure_leaks_nothing():
-    cache = PagedKVCache(1, 1, 4, num_blocks=1 + 5, block_size=2, max_rows=4, max_positions=4,
+def test_growth_beyond_a_row_or_the_pool_is_refused():
+    cache = PagedKVCache(1, 1, 4, num_blocks=1 + 3, block_size=2, max_rows=4, max_positions=4,
                          dtype=torch.float32, device=torch.device("cpu"))
-    with pytest.raises(InvalidParameter, match="free blocks"):
-        cache.assign(rows=3, positions=4)  # needs 6 blocks, has 5
-    assert cache.allocator.num_free == 5
-    with pytest.raises(InvalidParameter, match="5 positions need 3 blocks per row but the cache allows 2"):
-        cache.assign(rows=1, positions=5)
+    with pytest.raises(InvalidParameter, match="row 0 needs block 2 but a row has at most 2"):
+        cache.grow(0, 2)
+    cache.grow(0, 0), cache.grow(0, 1), cache.grow(1, 0)
+    with pytest.raises(InvalidParameter, match="the KV cache has 0 free blocks of 3"):
+        cache.grow(1, 1)
+    assert cache.block_tables[1, 1] == SCRATCH_BLOCK

@@ -32,8 +32,7 @@ def compile_for_hopper(op: str) -> None:
 
 def _variants(op: str):
     """(kernel, argument types, constexprs, num_warps, extra options) for every configuration the launcher picks."""
-    from enginepy.kernels import (cfg_mix, cross_attention, embedding, paged_attention, paged_kv_write,
-                                  paged_prefill, sample)
+    from enginepy.kernels import cfg_mix, embedding, paged_attention, paged_kv_write, paged_prefill, sample
 
     def ptrs(names, ty):
         return {name: ty for name in names}
@@ -65,39 +64,32 @@ def _variants(op: str):
             yield (paged_attention._paged_attention_combine_kernel,
                    {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*" + dt},
                    dict(BLOCK_S=8, BLOCK_DH=64), 2, {})
-    elif op in ("cross_attention", "paged_prefill"):
+    elif op == "paged_prefill":
         for dt in floats:
             for block_m, num_warps in ((16, 4), (64, 8)):
-                if op == "paged_prefill" and dt == "fp32" and block_m == 64:
+                if dt == "fp32" and block_m == 64:
                     continue  # the launcher keeps fp32 prefill in 16-query tiles
                 for block_dh in (32, 64):
                     consts = dict(IEEE=dt == "fp32", UPCAST=False, BLOCK_M=block_m, BLOCK_N=32, BLOCK_DH=block_dh)
-                    if op == "cross_attention":
-                        for rule in ((0, 1, 2) if block_dh == 64 else (2,)):
-                            yield (cross_attention._cross_attention_kernel,
-                                   {**ptrs(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], "*" + dt), "len_ptr": "*i32",
-                                    "mask_ptr": "*u8", "scale": "fp32"},
-                                   dict(KEY_RULE=rule, **consts), num_warps, {})
-                    else:
-                        yield (paged_prefill._paged_prefill_kernel,
-                               {**ptrs(["q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"], "*" + dt),
-                                "bt_ptr": "*i32", "start_ptr": "*i32", "qlen_ptr": "*i32", "scale": "fp32"},
-                               dict(HAS_QLEN=True, **consts), num_warps, {})
+                    yield (paged_prefill._paged_prefill_kernel,
+                           {**ptrs(["q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"], "*" + dt),
+                            "bt_ptr": "*i32", "start_ptr": "*i32", "qlen_ptr": "*i32", "scale": "fp32"},
+                           dict(HAS_QLEN=True, **consts), num_warps, {})
     elif op == "cfg_mix":
         for dt in floats:
-            for scale, block_v in ((True, 1024), (False, 1)):
+            for block_v in (1024, 1):
                 yield (cfg_mix._cfg_mix_kernel,
-                       {"logits_ptr": "*" + dt, "out_ptr": "*fp32", "cfg_coef": "fp32", "temperature": "fp32"},
-                       dict(SCALE=scale, BLOCK_V=block_v), 4, {"enable_fp_fusion": False})
+                       {"logits_ptr": "*" + dt, "out_ptr": "*fp32", "cond_rows_ptr": "*i64", "null_rows_ptr": "*i64",
+                        "coef_ptr": "*fp32", "temperature_ptr": "*fp32"},
+                       dict(BLOCK_V=block_v), 4, {"enable_fp_fusion": False})
     elif op == "sample":
-        for greedy, mode in ((True, 0), (False, 0), (False, 1), (False, 2)):
-            for block_v in (16, 2048):
-                for digit_bits in ((3,) if greedy or mode == 0 else (1, 3)):
-                    yield (sample._sample_kernel,
-                           {"logits_ptr": "*fp32", "u_ptr": "*fp32", "out_ptr": "*i64", "temperature": "fp32",
-                            "limit": "fp32"},
-                           dict(GREEDY=greedy, FILTER=mode, DIGIT_BITS=digit_bits, RADIX=1 << digit_bits,
-                                BLOCK_V=block_v), 8 if block_v > 1024 else 4, {})
+        for block_v in (16, 2048):
+            for digit_bits in (1, 3):
+                yield (sample._sample_kernel,
+                       {"logits_ptr": "*fp32", "u_ptr": "*fp32", "out_ptr": "*i64", "greedy_ptr": "*i8",
+                        "temperature_ptr": "*fp32", "limit_ptr": "*fp32", "top_p_ptr": "*i8"},
+                       dict(DIGIT_BITS=digit_bits, RADIX=1 << digit_bits, BLOCK_V=block_v),
+                       8 if block_v > 1024 else 4, {})
     else:
         raise ValueError(f"unknown op {op!r}")
 

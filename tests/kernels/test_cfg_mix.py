@@ -84,3 +84,34 @@ def test_cfg_mix_rejects_bad_input(kwargs, name):
 def test_cfg_mix_compiles_for_hopper():
     """Every launch configuration lowers to PTX and a cubin for sm_90 (no GPU needed)."""
     compile_for_hopper("cfg_mix")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cfg_mix_rows_per_request_settings(dtype):
+    """Requests with and without null rows, each with its own coefficient and temperature, in one launch."""
+    gen = torch.Generator().manual_seed(7)
+    rows, codebooks, vocab = 7, 3, 1000
+    logits = (4 * torch.randn(rows, codebooks, vocab, generator=gen)).to(dtype)
+    cond = torch.tensor([4, 0, 2, 6, 0])
+    null = torch.tensor([5, 1, -1, 3, -1])
+    coef = torch.tensor([3.0, 1.5, 7.0, 0.0, 1.0])
+    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0, 2.0])
+    out = torch.full((5, codebooks, vocab), float("nan"), device=DEVICE)
+    cfg_mix.cfg_mix_rows(*(t.to(DEVICE) for t in (logits, cond, null, coef, temperature)), out=out)
+    out = out.cpu()
+    ref = cfg_mix.cfg_mix_rows_ref(logits, cond, null, coef, temperature)
+    torch.testing.assert_close(out, ref, **TOL)
+    # the engine's reference, request by request: CFG mix then the sampler's division by the temperature
+    for s in range(5):
+        pair = logits[[int(cond[s]), int(null[s])]] if null[s] >= 0 else logits[[int(cond[s])]]
+        expected = sampling.cfg_mix(pair, 1, float(coef[s]))[0] / float(temperature[s])
+        torch.testing.assert_close(out[s], expected, **TOL)
+
+
+def test_cfg_mix_rows_refuses_bad_inputs():
+    logits = torch.zeros(2, 1, 4, device=DEVICE)
+    idx, f = torch.zeros(2, dtype=torch.int64, device=DEVICE), torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"null_rows must have shape \(2,\), got \(3,\)"):
+        cfg_mix.cfg_mix_rows(logits, idx, torch.zeros(3, dtype=torch.int64, device=DEVICE), f, f)
+    with pytest.raises(ValueError, match="cfg_coef must have dtype in \\(float32\\), got float64"):
+        cfg_mix.cfg_mix_rows(logits, idx, idx, f.double(), f)

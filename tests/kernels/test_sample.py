@@ -219,3 +219,38 @@ def test_sample_rejects_bad_input(kwargs, name):
 def test_sample_compiles_for_hopper():
     """Every launch configuration lowers to PTX and a cubin for sm_90 (no GPU needed)."""
     compile_for_hopper("sample")
+
+
+def test_sample_rows_mixes_settings_in_one_launch():
+    """Each row with its own greedy flag / temperature / top-k / top-p equals the reference with that row's settings."""
+    gen = torch.Generator().manual_seed(21)
+    per_row = [dict(use_sampling=False), dict(top_k=5, temperature=0.8), dict(top_p=0.6, temperature=1.2),
+               dict(top_k=0, top_p=0.0), dict(top_k=3000, top_p=0.0), dict(top_k=1), dict(top_p=1.0),
+               dict(use_sampling=True, temperature=0.0)] * 3
+    n, vocab = len(per_row), 1000
+    logits = 3 * torch.randn(n, vocab, generator=gen)
+    u = torch.rand(n, generator=gen)
+    full = [dict(dict(use_sampling=True, temperature=1.0, top_k=0, top_p=0.0), **s) for s in per_row]
+    greedy = torch.tensor([not s["use_sampling"] or s["temperature"] == 0.0 for s in full])
+    settings = sample.row_settings(greedy, torch.tensor([s["temperature"] for s in full]),
+                                   torch.tensor([s["top_k"] for s in full]), torch.tensor([s["top_p"] for s in full]),
+                                   vocab)
+    out = torch.full((n,), -7, dtype=torch.int64, device=DEVICE)
+    sample.sample_rows(logits.to(DEVICE), u.to(DEVICE), {k: v.to(DEVICE) for k, v in settings.items()}, out=out)
+    want = torch.stack([sampling.sample_tokens(logits[i : i + 1], u[i : i + 1],
+                                               **dict(s, top_k=min(s["top_k"], vocab)))[0]
+                        for i, s in enumerate(full)])
+    got = out.cpu()
+    for i, s in enumerate(full):
+        assert_same_tokens(got[i : i + 1], want[i : i + 1], logits[i : i + 1], u[i : i + 1], s)
+
+
+def test_sample_rows_refuses_bad_settings():
+    logits, u = torch.zeros(2, 4, device=DEVICE), torch.zeros(2, device=DEVICE)
+    good = sample.row_settings(torch.zeros(2, dtype=torch.bool), torch.ones(2), torch.zeros(2, dtype=torch.int64),
+                               torch.zeros(2), 4)
+    good = {k: v.to(DEVICE) for k, v in good.items()}
+    with pytest.raises(ValueError, match=r"settings\['limit'\] must have shape \(2,\), got \(3,\)"):
+        sample.sample_rows(logits, u, dict(good, limit=torch.zeros(3, device=DEVICE)))
+    with pytest.raises(ValueError, match=r"settings\['greedy'\] must be a torch.Tensor, got NoneType"):
+        sample.sample_rows(logits, u, {k: v for k, v in good.items() if k != "greedy"})

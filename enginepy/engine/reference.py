@@ -1,0 +1,129 @@
+"""The step engine's reference runner: plain PyTorch, any device, the oracle of the fast runner.
+
+Each admitted request owns its state: a static self-attention cache [L, rows, H, steps, Dh] sized for its own
+length, its cross-attention K/V computed once from its own prompt (encoded alone, so that nothing about it
+depends on what else runs), its codes [1, K, frames] and its settings. A step stacks the rows of every running
+request for the matmuls (row results do not depend on their neighbours) and runs each request's attention over
+its own cache, so a request's output is the same whatever else runs and whenever it joined.
+Rows: 2 per request with classifier-free guidance (cond, then null), 1 when cfg_coef == 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import pattern
+from ..model import CrossKV, KVCache, MusicGenDecoder, attention
+from ..rng import uniforms
+from ..sampling import cfg_mix, sample_tokens
+from .request import Request, SamplingParams
+
+
+@dataclass
+class _Slot:
+    rows: int
+    params: SamplingParams
+    seed: torch.Tensor  # int64 [1]
+    lengths: torch.Tensor  # int64 [1]
+    cache: KVCache
+    cross: CrossKV
+    codes: torch.Tensor  # int64 [1, K, frames]
+    step: int = 0
+
+
+class ReferenceRunner:
+    """Runs decode steps for up to `max_slots` requests at once; see the module docstring."""
+
+    def __init__(self, decoder: MusicGenDecoder, conditioner, max_slots: int):
+        self.decoder, self.conditioner, self.cfg = decoder, conditioner, decoder.cfg
+        self.device = decoder.device
+        self.max_slots = max_slots
+        self.slots: dict[int, _Slot] = {}
+        self.delays = torch.tensor(self.cfg.delays, dtype=torch.int64, device=self.device)
+
+    @property
+    def free_blocks(self) -> int | None:
+        """The reference runner allocates each request's cache on admission: no block pool."""
+        return None
+
+    def can_admit(self, request: Request) -> bool:
+        return len(self.slots) < self.max_slots
+
+    @torch.no_grad()
+    def admit(self, slot: int, request: Request) -> None:
+        cfg, dev = self.cfg, self.device
+        states, mask = self.conditioner.encode([request.prompt])
+        cond = self.decoder.project_text(states, mask).to(dev)
+        mask = mask.to(dev)
+        if request.params.use_cfg:
+            cond = torch.cat([cond, torch.zeros_like(cond)])
+            mask = torch.cat([mask, torch.zeros_like(mask)])
+        rows = cond.shape[0]
+        self.slots[slot] = _Slot(
+            rows=rows,
+            params=request.params,
+            seed=torch.tensor([request.seed], dtype=torch.int64, device=dev),
+            lengths=torch.tensor([request.frames], dtype=torch.int64, device=dev),
+            cache=KVCache.allocate(cfg, rows, request.frames + cfg.max_delay, self.decoder.dtype, dev),
+            cross=self.decoder.precompute_cross(cond, mask),
+            codes=torch.full((1, cfg.num_codebooks, request.frames), cfg.special_token, dtype=torch.int64, device=dev),
+        )
+
+    def release(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+
+    def read_frames(self, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """(slot, start, stop) -> frames start..stop-1 of that slot's codes, int64 [K, stop - start] on CPU."""
+        return [self.slots[slot].codes[0, :, a:b].cpu() for slot, a, b in spans]
+
+    @torch.no_grad()
+    def step(self, slots: list[int]) -> dict[int, bool]:
+        """One decode step for each slot in `slots`; returns slot -> True where the logits were not finite."""
+        cfg, dec = self.cfg, self.decoder
+        states = [self.slots[s] for s in slots]
+        tokens, positions, spans = [], [], []
+        row = 0
+        for st in states:
+            step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
+            t = pattern.delay_step_input(st.codes, step, st.lengths, self.delays, cfg.special_token)  # [1, K]
+            tokens.append(t.expand(st.rows, -1))
+            positions.append(step.expand(st.rows))
+            spans.append((row, row + st.rows))
+            row += st.rows
+        x = dec.embed(torch.cat(tokens)[:, :, None], torch.cat(positions)[:, None])  # [R, 1, D]
+
+        def self_attn(i, q, k, v):
+            out = []
+            for st, (a, b) in zip(states, spans):
+                s = st.step
+                st.cache.k[i, :, :, s : s + 1] = dec._heads(k[a:b])
+                st.cache.v[i, :, :, s : s + 1] = dec._heads(v[a:b])
+                allowed = torch.ones(1, s + 1, dtype=torch.bool, device=self.device)
+                out.append(dec._merge(attention(dec._heads(q[a:b]), st.cache.k[i, :, :, : s + 1],
+                                                st.cache.v[i, :, :, : s + 1], allowed)))
+            return torch.cat(out)
+
+        def cross_attn(i, q):
+            out = []
+            for st, (a, b) in zip(states, spans):
+                allowed = st.cross.mask[:, None, None, :]
+                out.append(dec._merge(attention(dec._heads(q[a:b]), st.cross.k[i], st.cross.v[i], allowed)))
+            return torch.cat(out)
+
+        for i in range(cfg.num_layers):
+            x = dec.layer(i, x, self_attn, cross_attn)
+        logits = dec.logits(x)[:, 0]  # [R, K, V]
+
+        bad: dict[int, bool] = {}
+        for slot, st, (a, b) in zip(slots, states, spans):
+            p = st.params
+            mixed = cfg_mix(logits[a:b], 1, p.cfg_coef)[0]  # fp32 [K, V]
+            bad[slot] = not bool(torch.isfinite(mixed).all())
+            step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
+            u = uniforms(st.seed, step, cfg.num_codebooks)[0]  # [K]
+            picked = sample_tokens(mixed, u, use_sampling=p.use_sampling, temperature=p.temperature,
+                                   top_k=p.top_k, top_p=p.top_p)
+            pattern.delay_step_write(st.codes, picked[None], step, st.lengths, torch.zeros_like(step), self.delays)
+            st.step += 1
+        return bad
