@@ -168,11 +168,17 @@ def test_audio_is_written_in_the_format_its_extension_names(tiny_hf, tmp_path, c
     assert np.load(tmp_path / "wav.npy").shape == (1, 4, 15)
 
 
-def test_too_long_prompt_exits_2(tiny_hf, tmp_path, capsys):
+def test_prompt_length_limit_follows_max_text_len(tiny_hf, tmp_path, capsys):
     line = _refused(capsys, ["generate", " ".join(["jazz"] * 600), "--model", tiny_hf, "--device", "cpu",
                              "--out", str(tmp_path / "o.wav")])
     assert line.startswith("enginepy: error: descriptions[0] is 601 tokens long; the limit is 256 (raise max_text_len")
     assert not os.path.exists(tmp_path / "o.wav")
+    line = _refused(capsys, ["generate", " ".join(["jazz"] * 20), "--model", tiny_hf, "--device", "cpu",
+                             "--max-text-len", "12", "--out", str(tmp_path / "o.wav")])
+    assert "is 21 tokens long; the limit is 12" in line
+    assert main(["generate", " ".join(["jazz"] * 300), "--model", tiny_hf, "--device", "cpu", "--max-text-len", "512",
+                 "--duration", "0.1", "--quiet", "--out", str(tmp_path / "o.wav")]) == 0
+    assert os.path.isfile(tmp_path / "o.wav")
 
 
 def test_refusals_through_the_real_command_line(tiny_hf, places):
