@@ -1,15 +1,24 @@
 """Builds enginepy (from enginepy/), enginepy.kernels (from kernels/) and the extension enginepy._C (from csrc/).
 
-The extension's sources are listed once, in csrc/sources.txt, which CMakeLists.txt reads too. The .cu
-sources are built only where the installed torch has CUDA and a CUDA toolkit is found. torch must be
-installed first and the project built without isolation (`pip install --no-build-isolation -e .`), so that
-the extension is compiled against the torch that will load it.
+Metadata and the build system are in pyproject.toml. The extension's sources are listed once, in
+csrc/sources.txt, which CMakeLists.txt reads too. The .cu sources are built only where the installed torch
+has CUDA and a CUDA toolkit is found. torch must be installed first and the project built without isolation
+(`pip install --no-index --no-build-isolation --no-deps -e .`), so that the extension is compiled against the
+torch that will load it; the build needs no index.
 """
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+# Symbols of any static archive that ends up in _C stay local to it. A static libstdc++ in the link
+# (-static-libstdc++ in a toolchain's or Python's flags) otherwise exports a second copy of the stream and
+# locale code that the process's libstdc++ partly interposes, and formatting an integer then reads the
+# wrong locale facet: truncated error messages, or a SIGSEGV (see csrc/ops.h; tests/test_build.py checks
+# the built library).
+LINK_ARGS = ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
 
 
 def extension_sources() -> tuple[list[str], list[str]]:
@@ -27,7 +36,7 @@ def extension_build():
     except ImportError as exc:
         raise SystemExit(
             "setup.py needs torch to build enginepy._C: install torch first, then run "
-            "`pip install --no-build-isolation --no-deps -e .`"
+            "`pip install --no-index --no-build-isolation --no-deps -e .`"
         ) from exc
 
     cpp_sources, cuda_sources = extension_sources()
@@ -39,22 +48,20 @@ def extension_build():
             cpp_sources + cuda_sources,
             define_macros=[("ENGINEPY_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=LINK_ARGS,
         )
     else:
-        extension = cpp_extension.CppExtension("enginepy._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        extension = cpp_extension.CppExtension(
+            "enginepy._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=LINK_ARGS
+        )
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = extension_build()
 
 setup(
-    name="enginepy",
-    version="0.1.0",
-    description="A fast, faithful MusicGen inference engine",
-    packages=["enginepy", "enginepy.kernels"],
+    packages=find_packages(include=["enginepy", "enginepy.*"]) + ["enginepy.kernels"],
     package_dir={"enginepy": "enginepy", "enginepy.kernels": "kernels"},
-    python_requires=">=3.10",
-    entry_points={"console_scripts": ["enginepy=enginepy.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

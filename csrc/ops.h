@@ -9,10 +9,59 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 
 namespace enginepy {
+
+// Error messages of enginepy's ops are built from strings and std::to_string only, never through an
+// ostream, and raised with c10::detail::torchCheckFail (what TORCH_CHECK calls once it has its message).
+// TORCH_CHECK itself formats its arguments with a std::ostringstream made in this library (even a single
+// std::string goes through one). When the library carries its own copy of libstdc++'s stream code (a
+// static libstdc++ in the link) and exports it, the process's libstdc++.so.6 interposes part of that copy,
+// the two number locale facets differently, and printing an integer fetches the wrong facet: the integers
+// vanish from the message (reproduced on a CPU build linked with -static-libstdc++), or a SIGSEGV in
+// codecvt<char16_t>::do_unshift (seen in a CUDA build). setup.py and CMake link with --exclude-libs,ALL,
+// which keeps such a copy private and self-consistent, and tests/test_build.py checks the built library;
+// the messages depend on neither.
+namespace message {
+
+inline void append(std::string& out, const char* text) { out += text; }
+inline void append(std::string& out, const std::string& text) { out += text; }
+inline void append(std::string& out, int64_t value) { out += std::to_string(value); }
+inline void append(std::string& out, at::ScalarType dtype) { out += c10::toString(dtype); }
+// Device::str() is compiled into libc10, whose stream code is the process's own.
+inline void append(std::string& out, const c10::Device& device) { out += device.str(); }
+inline void append(std::string& out, at::IntArrayRef sizes) {
+  out += '[';
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(sizes[i]);
+  }
+  out += ']';
+}
+
+// The pieces concatenated: join("delays[", k, "] = ", value) == "delays[2] = -1".
+template <typename... Pieces>
+std::string join(const Pieces&... pieces) {
+  std::string out;
+  (append(out, pieces), ...);
+  return out;
+}
+
+}  // namespace message
+
+// TORCH_CHECK(cond, pieces...) with the message built by message::join: a c10::Error (RuntimeError in
+// Python) whose message is the joined pieces.
+#define ENGINEPY_CHECK(cond, ...)                                                                  \
+  do {                                                                                             \
+    if (C10_UNLIKELY(!(cond))) {                                                                   \
+      ::c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__),           \
+                                    ::enginepy::message::join(__VA_ARGS__));                       \
+    }                                                                                              \
+  } while (false)
 
 // Whole-sequence ops (outside the decode loop; they may synchronise with the device).
 

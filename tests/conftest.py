@@ -32,6 +32,8 @@ SPECS = {
     # T5 as wide as the decoder: transformers then has no enc_to_dec_proj (identity).
     "same-width": RandomModelSpec(hidden_size=16, num_heads=4, num_layers=2, num_codebooks=4, seed=5),
     "stereo": RandomModelSpec(hidden_size=24, num_heads=2, num_layers=2, num_codebooks=4, audio_channels=2, seed=4),
+    # Wide enough (D = 256, V = 256) for the order and precision of sums to show in bf16 errors.
+    "wide": RandomModelSpec(hidden_size=256, num_heads=4, num_layers=2, num_codebooks=4, codebook_size=256, seed=6),
 }
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import enginepy
 from enginepy import delay_ops, pattern
+from isolated import run_isolated
 
 SPECIAL = 2048
 MONO = [0, 1, 2, 3]
@@ -241,10 +242,12 @@ def test_fake_kernels_trace_under_torch_compile():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+# Each bad call runs in a child process (tests/isolated.py): a build whose error path crashes (a SIGSEGV while
+# formatting the message, seen in a CUDA build) fails these tests one by one instead of killing the test run.
 
 
-def _valid():
-    return {
+def _valid(**overrides) -> dict:
+    v = {
         "codes": random_codes((2, 4, 5), 0),
         "delays": torch.tensor(MONO),
         "step": torch.tensor([1, 2]),
@@ -252,6 +255,8 @@ def _valid():
         "prompt_lengths": torch.tensor([0, 0]),
         "tokens": random_codes((2, 4), 1),
     }
+    v.update(overrides)
+    return v
 
 
 def _call(op: str, v: dict):
@@ -265,38 +270,78 @@ def _call(op: str, v: dict):
 
 
 BAD_INPUTS = [
-    # (ops, argument, bad value, message)
-    (["scatter", "input", "write"], "codes", random_codes((2, 4, 5), 0).float(), "codes must be int64, got Float"),
-    (["gather"], "codes", random_codes((2, 4, 5), 0).int(), "pattern must be int64, got Int"),
-    (["scatter", "gather", "input", "write"], "delays", torch.tensor(MONO, dtype=torch.int32), "delays must be int64"),
-    (["scatter", "input", "write"], "codes", random_codes((4, 5), 0), r"codes must be 3-D \[B, K, T"),
-    (["gather"], "codes", random_codes((1, 2, 4, 5), 0), r"pattern must be 3-D \[B, K, S\], got 4-D"),
-    (["scatter", "gather", "input", "write"], "delays", torch.tensor([MONO]), r"delays must be 1-D \[K\], got 2-D"),
-    (["scatter", "gather", "input", "write"], "delays", torch.tensor([0, 1, -1, 2]), r"delays must be >= 0, got delays\[2\] = -1"),
-    (["scatter", "input", "write"], "delays", torch.tensor([0, 1, 2]), "delays has 3 entries but codes has 4 codebooks"),
-    (["gather"], "delays", torch.tensor([0, 1, 2, 3, 4]), "delays has 5 entries but pattern has 4 codebooks"),
-    (["input", "write"], "step", torch.tensor([1, 2, 3]), "step has 3 entries but codes has B = 2 rows"),
-    (["input", "write"], "step", torch.tensor([1.0, 2.0]), "step must be int64"),
-    (["input", "write"], "lengths", torch.tensor([5]), "lengths has 1 entries but codes has B = 2 rows"),
-    (["input", "write"], "lengths", torch.tensor([[5, 5]]), r"lengths must be 1-D \[B\]"),
-    (["write"], "prompt_lengths", torch.tensor([0, 0, 0]), "prompt_lengths has 3 entries but codes has B = 2 rows"),
-    (["write"], "tokens", random_codes((2, 3), 1), r"tokens must have shape \[B, K\] = \[2, 4\], got \[2, 3\]"),
-    (["write"], "tokens", random_codes((2, 4), 1).float(), "tokens must be int64"),
+    # (ops, argument, bad value as source text, message)
+    (["scatter", "input", "write"], "codes", "random_codes((2, 4, 5), 0).float()", "codes must be int64, got Float"),
+    (["gather"], "codes", "random_codes((2, 4, 5), 0).int()", "pattern must be int64, got Int"),
+    (["scatter", "gather", "input", "write"], "delays", "torch.tensor(MONO, dtype=torch.int32)", "delays must be int64"),
+    (["scatter", "input", "write"], "codes", "random_codes((4, 5), 0)",
+     r"codes must be 3-D \[B, K, T(max)?\], got 2-D with shape \[4, 5\]"),
+    (["gather"], "codes", "random_codes((1, 2, 4, 5), 0)", r"pattern must be 3-D \[B, K, S\], got 4-D with shape \[1, 2, 4, 5\]"),
+    (["scatter", "gather", "input", "write"], "delays", "torch.tensor([MONO])", r"delays must be 1-D \[K\], got 2-D with shape \[1, 4\]"),
+    (["scatter", "gather", "input", "write"], "delays", "torch.tensor([0, 1, -1, 2])", r"delays must be >= 0, got delays\[2\] = -1"),
+    (["scatter", "input", "write"], "delays", "torch.tensor([0, 1, 2])", "delays has 3 entries but codes has 4 codebooks"),
+    (["gather"], "delays", "torch.tensor([0, 1, 2, 3, 4])", "delays has 5 entries but pattern has 4 codebooks"),
+    (["input", "write"], "step", "torch.tensor([1, 2, 3])", "step has 3 entries but codes has B = 2 rows"),
+    (["input", "write"], "step", "torch.tensor([1.0, 2.0])", "step must be int64, got Float"),
+    (["input", "write"], "lengths", "torch.tensor([5])", "lengths has 1 entries but codes has B = 2 rows"),
+    (["input", "write"], "lengths", "torch.tensor([[5, 5]])", r"lengths must be 1-D \[B\], got 2-D with shape \[1, 2\]"),
+    (["write"], "prompt_lengths", "torch.tensor([0, 0, 0])", "prompt_lengths has 3 entries but codes has B = 2 rows"),
+    (["write"], "tokens", "random_codes((2, 3), 1)", r"tokens must have shape \[B, K\] = \[2, 4\], got \[2, 3\]"),
+    (["write"], "tokens", "random_codes((2, 4), 1).float()", "tokens must be int64, got Float"),
 ]
+SHORT_PATTERN = "delay_ops.delay_gather(random_codes((1, 4, 3), 0), torch.tensor(MONO))"
+# (snippet, message): CUDA codes with a CPU tensor beside them, and negative delays copied to the host.
+CUDA_BAD_INPUTS = {
+    "cuda-delays-on-cpu": ("delay_ops.delay_scatter(random_codes((2, 4, 5), 0, 'cuda'), torch.tensor(MONO), SPECIAL)",
+                           r"delays must be on the same device as codes \(cuda:0\), got cpu"),
+    "cuda-step-on-cpu": ("delay_ops.delay_step_input(random_codes((2, 4, 5), 0, 'cuda'), torch.tensor([1, 2]), "
+                         "torch.tensor([5, 5], device='cuda'), torch.tensor(MONO, device='cuda'), SPECIAL)",
+                         r"step must be on the same device as codes \(cuda:0\), got cpu"),
+    "cuda-negative-delays": ("delay_ops.delay_scatter(random_codes((2, 4, 5), 0, 'cuda'), "
+                             "torch.tensor([0, -1, 2, 3], device='cuda'), SPECIAL)", r"delays must be >= 0, got delays\[1\] = -1"),
+}
+
+
+def _bad_input_name(op: str, arg: str, message: str) -> str:
+    return f"{op}/{arg}/{message}"
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes():
+    snippets = {_bad_input_name(op, arg, message): f"_call({op!r}, _valid({arg}={value}))"
+                for ops, arg, value, message in BAD_INPUTS for op in ops}
+    snippets["short-pattern"] = SHORT_PATTERN
+    if torch.cuda.is_available():
+        snippets.update({name: code for name, (code, _) in CUDA_BAD_INPUTS.items()})
+    prelude = "from test_delay_ops import _call, _valid, random_codes, delay_ops, torch, MONO, SPECIAL"
+    return run_isolated(snippets, prelude)
 
 
 @pytest.mark.parametrize("ops,arg,value,message", BAD_INPUTS, ids=[m for *_, m in BAD_INPUTS])
-def test_bad_input_names_the_argument(ops, arg, value, message):
+def test_bad_input_names_the_argument(bad_input_outcomes, ops, arg, value, message):
     for op in ops:
-        v = _valid()
-        v[arg] = value
-        with pytest.raises(RuntimeError, match=message):
-            _call(op, v)
+        bad_input_outcomes[_bad_input_name(op, arg, message)].expect_raises("RuntimeError", message)
 
 
-def test_gather_refuses_a_pattern_shorter_than_the_delays():
-    with pytest.raises(RuntimeError, match=r"pattern has S = 3 steps but delays need at least max\(delays\) \+ 1 = 4"):
-        delay_ops.delay_gather(random_codes((1, 4, 3), 0), torch.tensor(MONO))
+def test_gather_refuses_a_pattern_shorter_than_the_delays(bad_input_outcomes):
+    bad_input_outcomes["short-pattern"].expect_raises(
+        "RuntimeError", r"pattern has S = 3 steps but delays need at least max\(delays\) \+ 1 = 4")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CUDA_BAD_INPUTS))
+def test_cuda_device_mismatch_and_negative_delays_are_refused(bad_input_outcomes, name):
+    bad_input_outcomes[name].expect_raises("RuntimeError", CUDA_BAD_INPUTS[name][1])
+
+
+def test_a_crashing_call_fails_only_its_own_test():
+    """The isolation itself: a SIGSEGV in one snippet is reported for that snippet, and the next still runs."""
+    outcomes = run_isolated({
+        "crash": "import ctypes; ctypes.string_at(0)",
+        "after": "raise RuntimeError('still running')",
+    })
+    assert outcomes["crash"].status == "crashed" and "SIGSEGV" in outcomes["crash"].detail
+    outcomes["after"].expect_raises("RuntimeError", "still running")
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
@@ -425,18 +470,6 @@ def test_cuda_step_ops_do_not_synchronise_and_replay_in_a_graph():
         n = int(lengths[r])
         assert torch.equal(codes[r, :, :n], full[r, :, :n])
         assert bool((codes[r, :, n:] == -1).all())
-
-
-@pytest.mark.cuda
-def test_cuda_device_mismatch_is_refused():
-    codes = random_codes((2, 4, 5), 0, device="cuda")
-    with pytest.raises(RuntimeError, match=r"delays must be on the same device as codes"):
-        delay_ops.delay_scatter(codes, torch.tensor(MONO), SPECIAL)
-    with pytest.raises(RuntimeError, match=r"step must be on the same device as codes"):
-        delay_ops.delay_step_input(codes, torch.tensor([1, 2]), torch.tensor([5, 5], device="cuda"),
-                                   torch.tensor(MONO, device="cuda"), SPECIAL)
-    with pytest.raises(RuntimeError, match=r"delays must be >= 0"):
-        delay_ops.delay_scatter(codes, torch.tensor([0, -1, 2, 3], device="cuda"), SPECIAL)
 
 
 @pytest.mark.cuda

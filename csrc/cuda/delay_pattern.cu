@@ -99,7 +99,7 @@ __global__ void delay_step_write_kernel(int64_t* __restrict__ codes, int64_t str
 }
 
 void check_cuda(const at::Tensor& codes, const char* name) {
-  TORCH_CHECK(codes.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", codes.device());
+  ENGINEPY_CHECK(codes.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", codes.device());
 }
 
 }  // namespace
@@ -134,8 +134,8 @@ at::Tensor delay_gather_cuda(const at::Tensor& pattern_in, const at::Tensor& del
   const int64_t max_delay = checks::max_delay_on_host(delays.cpu());
   const int64_t steps = pattern.size(2);
   const int64_t frames = steps - 1 - max_delay;
-  TORCH_CHECK(frames >= 0, "pattern has S = ", steps, " steps but delays need at least max(delays) + 1 = ",
-              max_delay + 1);
+  ENGINEPY_CHECK(frames >= 0, "pattern has S = ", steps, " steps but delays need at least max(delays) + 1 = ",
+                 max_delay + 1);
   at::Tensor codes = at::empty({pattern.size(0), pattern.size(1), frames}, pattern.options());  // [B, K, T]
   if (codes.numel() == 0) {
     return codes;
