@@ -138,6 +138,7 @@ class MusicGen:
     def generate_tokens(self, descriptions, progress: bool = False) -> torch.Tensor:
         """Prompts -> codes int64 [B, K, frames] (natural layout, on CPU). Prompt i uses seed + i."""
         prompts = check_prompts(descriptions)
+        self.conditioner.check_lengths(prompts)  # before any work, naming descriptions[i]
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         if seed + len(prompts) - 1 > 2**63 - 1:
             raise InvalidParameter(f"seed + number of prompts must stay below 2**63; got seed {seed}")

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="render-time repeats, median reported (default 1)")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     b.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<device>-<model>.json)")
+    b.add_argument("--scenario", default="steps", choices=("steps", "poisson"),
+                   help="steps: per-step latency and render time vs transformers (default); poisson: random arrivals "
+                        "served by continuous batching vs static batching (one backend, --backends' first)")
+    b.add_argument("--rate", type=float, default=2.0, help="poisson: arrivals per second (default 2)")
+    b.add_argument("--requests", type=int, default=16, help="poisson: number of requests (default 16)")
+    b.add_argument("--durations", default="5,30", help="poisson: LO,HI seconds of audio, drawn uniformly (default 5,30)")
+    b.add_argument("--max-batch", type=int, default=8, help="poisson: engine slots (default 8)")
 
     d = sub.add_parser("demo", help="write a WAV from the default model (a built-in random one when none is available)")
     _model_args(d, model_default=None)
@@ -235,12 +242,39 @@ def _bench(args) -> int:
     check_creatable(out, "--out")
     if not out.lower().endswith(".json"):
         raise InvalidParameter(f"--out must end in .json (results are written as JSON); got {out!r}")
-    result = run_bench(model=args.model, device=str(dev), dtype=args.dtype, backends=backends, batches=batches,
-                       duration=args.duration, transformers=not args.no_transformers, hf_dtype=args.hf_dtype,
-                       repeats=args.repeats)
+    if args.scenario == "poisson":
+        result = _poisson(args, dev, backends[0], out)
+    else:
+        result = run_bench(model=args.model, device=str(dev), dtype=args.dtype, backends=backends, batches=batches,
+                           duration=args.duration, transformers=not args.no_transformers, hf_dtype=args.hf_dtype,
+                           repeats=args.repeats)
     write_results(result, out)
     print(f"wrote {out}")
     return 0
+
+
+def _poisson(args, dev, backend: str, out: str) -> dict:
+    """`bench --scenario poisson`: validated here, run by bench_poisson; returns the JSON document."""
+    from .api import MusicGen
+    from .bench import bench_model_dir, environment
+    from .bench_poisson import run_poisson
+    from .errors import InvalidParameter
+
+    if not 0 < args.rate < float("inf"):
+        raise InvalidParameter(f"--rate must be a positive number of arrivals per second; got {args.rate}")
+    if args.requests < 1 or args.max_batch < 1:
+        raise InvalidParameter(f"--requests and --max-batch must be >= 1; got {args.requests}, {args.max_batch}")
+    try:
+        lo, hi = (float(x) for x in args.durations.split(","))
+    except ValueError:
+        raise InvalidParameter(f"--durations must be LO,HI seconds; got {args.durations!r}") from None
+    if not 0 < lo <= hi <= 30:
+        raise InvalidParameter(f"--durations must satisfy 0 < LO <= HI <= 30; got {args.durations!r}")
+    mg = MusicGen.from_pretrained(bench_model_dir(args.model), device=dev, dtype=args.dtype, backend=backend,
+                                  max_batch=args.max_batch, max_duration=max(hi, 1.0))
+    result = run_poisson(mg, args.rate, args.requests, (lo, hi), args.max_batch)
+    return dict(scenario="poisson", model=args.model, backend=backend, dtype=str(mg.decoder.dtype).replace("torch.", ""),
+                environment=environment(dev), **result)
 
 
 def _cache(args) -> int:
