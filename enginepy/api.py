@@ -25,6 +25,8 @@ from .generate import StepReporter, generate_tokens
 from .precision import fp32_matmul_exact
 from .loading import default_dtype, load_components, parse_device, resolve_model_dir
 from .params import check_duration, check_prompts
+from .audio_prompt import check_optional_prompts, check_sample_rate, check_waveforms, convert_audio, encode_audio
+from .longform import check_extend_stride, generate_windows, window_plan
 
 BACKENDS = ("reference", "fast")
 
@@ -119,12 +121,23 @@ class MusicGen:
         temperature: float = 1.0,
         cfg_coef: float = 3.0,
         seed: int | None = None,
+        extend_stride: float | None = None,
+        cfg_coef_beta: float | None = None,
+        two_step_cfg: bool = False,
     ) -> None:
         """Settings for the next `generate` calls (audiocraft's defaults). Row i of a call uses seed + i;
         seed None draws a fresh random seed per call. Greedy when use_sampling is False or temperature is 0.
-        top_k None means audiocraft's 250 (or the whole vocabulary when it is smaller than that)."""
-        frames = check_duration(duration, self.frame_rate, self.max_duration)
-        self.params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed)
+        top_k None means audiocraft's 250 (or the whole vocabulary when it is smaller than that).
+        extend_stride (seconds, audiocraft uses 18): with it, a duration above max_duration is generated in
+        windows of max_duration seconds, each next one starting extend_stride seconds later from the previous
+        one's tail (audiocraft's long form, see longform.py); without it (None) such a duration is refused.
+        cfg_coef_beta: double CFG (None: off); two_step_cfg: see engine.request.make_params."""
+        frames = check_duration(duration, self.frame_rate, None if extend_stride is not None else self.max_duration)
+        if extend_stride is not None and duration > self.max_duration:
+            extend_stride = check_extend_stride(extend_stride, self.max_duration, self.frame_rate)
+        self.params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed,
+                                  cfg_coef_beta, two_step_cfg)
+        self.extend_stride = extend_stride
         self.duration = float(duration)
         self.frames = frames
         self.seed = seed
@@ -137,15 +150,57 @@ class MusicGen:
 
     def generate_tokens(self, descriptions, progress: bool = False) -> torch.Tensor:
         """Prompts -> codes int64 [B, K, frames] (natural layout, on CPU). Prompt i uses seed + i."""
-        prompts = check_prompts(descriptions)
-        self.conditioner.check_lengths(prompts)  # before any work, naming descriptions[i]
+        return self._generate_codes(check_prompts(descriptions), None, progress)
+
+    def _generate_codes(self, prompts: list[str | None], prompt_codes: list[torch.Tensor] | None,
+                        progress: bool) -> torch.Tensor:
+        """prompts (None: unconditional) and optional audio-prompt codes [K, Tp] per row -> codes int64
+        [B, K, frames] on CPU, in windows when the duration exceeds max_duration (T5 runs once per prompt)."""
+        texts = [p for p in prompts if p is not None]
+        if texts:  # before any work, naming descriptions[i]
+            self.conditioner.check_lengths(texts, [f"descriptions[{i}]" for i, p in enumerate(prompts) if p is not None])
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         if seed + len(prompts) - 1 > 2**63 - 1:
             raise InvalidParameter(f"seed + number of prompts must stay below 2**63; got seed {seed}")
+        tp = 0 if prompt_codes is None else prompt_codes[0].shape[-1]
+        plan = window_plan(self.duration, self.max_duration, self.extend_stride, self.frame_rate, tp)
         with self._lock, fp32_matmul_exact(self.decoder.dtype):
             engine = self._engine if self._engine is not None else self.engine(min(len(prompts), self.max_batch))
-            return generate_tokens(engine, prompts, self.duration, self.params, seed, progress=progress,
-                                   on_step=self._progress_callback)
+            states = None
+            if len(plan) > 1:  # every window reuses one T5 run per prompt
+                states = [None if p is None else self.conditioner.encode_one(p, f"descriptions[{i}]")
+                          for i, p in enumerate(prompts)]
+
+            def run_window(codes, frames, window_seed):
+                return generate_tokens(engine, prompts, self.duration, self.params, window_seed, progress=progress,
+                                       on_step=self._progress_callback, prompt_codes=codes, frames=frames,
+                                       texts=states)
+
+            stride = int(self.frame_rate * self.extend_stride) if len(plan) > 1 else 0
+            return generate_windows(run_window, plan, stride, prompt_codes or [None] * len(prompts), seed)
+
+    def generate_unconditional(self, num_samples: int, progress: bool = False, return_tokens: bool = False):
+        """num_samples pieces with no condition (transformers' get_unconditional_inputs: one masked zero text
+        vector; guidance is moot, so only the conditional rows run) -> float32 [B, C, samples] (and codes)."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise InvalidParameter(f"num_samples must be a positive integer; got {num_samples!r}")
+        codes = self._generate_codes([None] * num_samples, None, progress)
+        wav = self.generate_audio(codes)
+        return (wav, codes) if return_tokens else wav
+
+    def generate_continuation(self, prompt, prompt_sample_rate: int, descriptions=None, progress: bool = False,
+                              return_tokens: bool = False):
+        """Continue audio prompts: prompt float [B, C, T] or [C, T] at prompt_sample_rate (converted to the
+        model's rate and channels, then EnCodec-encoded); descriptions: None (unconditional) or B entries, each a
+        string or None. The output starts with the prompt's codes, which count toward the duration ->
+        float32 [B, C, samples] (and codes int64 [B, K, frames])."""
+        wav = check_waveforms(prompt, "prompt")
+        rate = check_sample_rate(prompt_sample_rate, "prompt_sample_rate")
+        prompt_codes = encode_audio(self.codec, convert_audio(wav, rate, self.sample_rate, self.audio_channels))
+        prompts = check_optional_prompts(descriptions, prompt_codes.shape[0])
+        codes = self._generate_codes(prompts, list(prompt_codes), progress)
+        wav = self.generate_audio(codes)
+        return (wav, codes) if return_tokens else wav
 
     def engine(self, max_batch: int | None = None, max_waiting: int | None = None,
                stream_audio: bool = False) -> Engine:

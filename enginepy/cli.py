@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="audio file, .wav | .flac | .ogg (the extension picks the format; default out.wav); "
                         "several prompts write FILE-0.wav, FILE-1.wav, ...")
     g.add_argument("--tokens-out", default=None, help="also write the codes, int64 [B, K, frames], to this .npy file")
+    g.add_argument("--continue", dest="continue_from", default=None, metavar="FILE",
+                   help="continue this audio file (WAV/FLAC/Ogg; resampled and mixed to the model's rate and "
+                        "channels): every prompt starts from it, and it counts toward --duration")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="enginepy vs transformers on the same weights: step latency, render time, throughput")
@@ -157,6 +160,10 @@ def _check_static(args) -> None:
     if getattr(args, "tokens_out", None) is not None:
         outputs.append(("--tokens-out", check_tokens_path(args.tokens_out, "--tokens-out")))
     check_distinct(outputs)
+    if getattr(args, "continue_from", None) is not None:
+        from .audio_prompt import read_audio
+
+        args.continue_audio = read_audio(args.continue_from, "--continue")  # refused before the model loads
 
 
 def _settings_line(model: str, mg, seed: int | None) -> str:
@@ -178,7 +185,12 @@ def _generate(args) -> int:
     greedy = args.greedy or args.temperature == 0
     print(_settings_line(args.model, mg, None if greedy else seed), flush=True)
     start = time.perf_counter()
-    wav, codes = mg.generate(args.prompts, progress=not args.quiet, return_tokens=True)
+    if getattr(args, "continue_audio", None) is not None:
+        audio, rate = args.continue_audio
+        wav, codes = mg.generate_continuation(audio.expand(len(args.prompts), -1, -1), rate, args.prompts,
+                                              progress=not args.quiet, return_tokens=True)
+    else:
+        wav, codes = mg.generate(args.prompts, progress=not args.quiet, return_tokens=True)
     elapsed = time.perf_counter() - start
     if args.tokens_out:
         write_tokens(args.tokens_out, codes)

@@ -42,22 +42,33 @@ class StepReporter:
             self.bar.close()
 
 
-def generate_tokens(engine: Engine, prompts: list[str], duration: float, params: SamplingParams, seed: int,
-                    progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def generate_tokens(engine: Engine, prompts: list[str | None], duration: float, params: SamplingParams, seed: int,
+                    progress: bool = False, on_step: Callable[[int, int], None] | None = None,
+                    prompt_codes: list[torch.Tensor | None] | None = None, frames: int | None = None,
+                    texts: list | None = None) -> torch.Tensor:
     """prompts -> codes int64 [B, K, frames] (CPU). Prompt i runs as a request with seed + i; the engine must be
-    idle (this loop owns it until every prompt is done). Raises the first request's error, if any."""
+    idle (this loop owns it until every prompt is done). Raises the first request's error, if any.
+
+    A None prompt is unconditional; prompt_codes[i] int64 [K, Tp] continues an audio prompt (the codes start
+    with it); frames overrides `duration` with an exact frame count; texts[i] is prompt i's T5 output, reused."""
     if engine.has_unfinished_requests():
         raise RuntimeError("generate_tokens needs an idle engine")
-    ids = [f"generate-{i}" for i in range(len(prompts))]
+    n = len(prompts)
+    prompt_codes = prompt_codes if prompt_codes is not None else [None] * n
+    texts = texts if texts is not None else [None] * n
+    ids = [f"generate-{i}" for i in range(n)]
     settings = dict(use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
-                    temperature=params.temperature, cfg_coef=params.cfg_coef)
+                    temperature=params.temperature, cfg_coef=params.cfg_coef, cfg_coef_beta=params.cfg_coef_beta,
+                    two_step_cfg=params.two_step_cfg)
     try:
         for i, (rid, prompt) in enumerate(zip(ids, prompts)):
-            engine.add_request(rid, prompt, duration=duration, seed=seed + i, **settings)
-        frames = engine.requests[ids[0]].frames
-        rounds = math.ceil(len(prompts) / engine.max_batch)
+            engine.add_request(rid, prompt, duration=duration, seed=seed + i, prompt_codes=prompt_codes[i],
+                               frames=frames, text=texts[i], **settings)
+        total = engine.requests[ids[0]].frames
+        prefilled = min(0 if c is None else c.shape[-1] for c in prompt_codes)
+        rounds = math.ceil(n / engine.max_batch)
         results: dict[str, torch.Tensor] = {}
-        with StepReporter(rounds * (frames + engine.cfg.max_delay), progress, on_step) as report:
+        with StepReporter(rounds * (total - prefilled + engine.cfg.max_delay), progress, on_step) as report:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.error is not None:

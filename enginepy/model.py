@@ -162,6 +162,11 @@ class MusicGenDecoder(torch.nn.Module):
         """Run S steps of every row at positions start .. start+S-1, writing their K/V into the cache (teacher
         forcing and prefill). tokens int64 [B, K, S] -> logits [B, K, S, V] in the weight dtype.
         """
+        return self.logits(self.prefill(tokens, start, cache, cross)).permute(0, 2, 1, 3)
+
+    def prefill(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV) -> torch.Tensor:
+        """`forward` without the heads: tokens int64 [B, K, S] -> hidden states [B, S, D] (before the final
+        LayerNorm); the K/V of positions start .. start+S-1 are written into the cache."""
         b, _, s = tokens.shape
         end = start + s
         if end > cache.max_len:
@@ -180,4 +185,4 @@ class MusicGenDecoder(torch.nn.Module):
 
         for i in range(self.cfg.num_layers):
             x = self.layer(i, x, self_attn, cross_attn)
-        return self.logits(x).permute(0, 2, 1, 3)
+        return x

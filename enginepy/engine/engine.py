@@ -15,13 +15,14 @@ Not thread-safe: one thread drives an engine (a server runs one loop thread).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 
 import torch
 
 from ..errors import InvalidParameter, non_finite_logits_message
-from .request import (EngineFull, NonFiniteLogits, Request, RequestOutput, RequestState, check_request_id, draw_seed,
-                      make_params, request_frames)
+from .request import (EngineFull, NonFiniteLogits, Request, RequestOutput, RequestState, check_prompt_codes,
+                      check_request_id, draw_seed, make_params, prompt_frames, request_frames)
 
 
 class Engine:
@@ -45,22 +46,38 @@ class Engine:
         self._arrivals = itertools.count()
 
     # -- the request API --------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str, *, duration: float = 10.0, seed: int | None = None,
+    def add_request(self, request_id: str, prompt: str | None, *, duration: float = 10.0, seed: int | None = None,
                     use_sampling: bool = True, top_k: int | None = None, top_p: float = 0.0,
-                    temperature: float = 1.0, cfg_coef: float = 3.0) -> Request:
+                    temperature: float = 1.0, cfg_coef: float = 3.0, cfg_coef_beta: float | None = None,
+                    two_step_cfg: bool = False, prompt_codes: torch.Tensor | None = None,
+                    frames: int | None = None, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Request:
         """Queue one prompt (validated exactly as `set_generation_params`); seed None draws a random one, which
-        the returned Request (and every RequestOutput) carries. A duplicate request_id is refused."""
+        the returned Request (and every RequestOutput) carries. A duplicate request_id is refused.
+
+        prompt None generates unconditionally (guidance is then moot: both halves would be the null condition,
+        so the null rows are skipped). prompt_codes int [K, Tp]: continue this audio prompt; the output codes
+        start with it and it counts toward the duration. frames: an exact frame count instead of `duration`
+        (long-form windows). text: precomputed T5 output of `prompt` (see Request)."""
         check_request_id(request_id)
         if request_id in self.requests:
             raise InvalidParameter(f"request_id {request_id!r} is already in the engine")
-        if not isinstance(prompt, str):
-            raise InvalidParameter(f"prompt must be a string; got {type(prompt).__name__}")
-        frames = request_frames(duration, self.cfg.frame_rate, self.max_duration)
-        params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed)
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidParameter(f"prompt must be a string; got {type(prompt).__name__} (None generates unconditionally)")
+        if frames is None:
+            frames = request_frames(duration, self.cfg.frame_rate, self.max_duration)
+        elif (isinstance(frames, bool) or not isinstance(frames, int)
+              or not 1 <= frames <= int(self.max_duration * self.cfg.frame_rate)):
+            raise InvalidParameter(f"frames must be an integer in [1, {int(self.max_duration * self.cfg.frame_rate)}]; "
+                                   f"got {frames!r}")
+        prompt_codes = check_prompt_codes(prompt_codes, self.cfg.num_codebooks, self.cfg.vocab_size, frames)
+        params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed,
+                             cfg_coef_beta, two_step_cfg)
+        if prompt is None:
+            params = dataclasses.replace(params, cfg_coef=1.0, cfg_coef_beta=None)
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
             raise EngineFull(f"the engine's waiting queue is full ({self.max_waiting} requests); retry later")
         req = Request(request_id, prompt, frames, draw_seed() if seed is None else int(seed), params,
-                      next(self._arrivals))
+                      next(self._arrivals), prompt_codes=prompt_codes, text=text)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -119,6 +136,7 @@ class Engine:
                 failed.append(self._output(req, finished=True, error=e))
                 continue
             req.state = RequestState.RUNNING
+            req.step = prompt_frames(req)  # the runner prefilled the prompt's decode steps
             self.running[req.request_id] = req
             if self.streamer is not None:
                 self.streamer.open(req.request_id)

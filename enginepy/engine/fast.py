@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import ops, pattern
 from ..cache import PagedKVCache
 from ..errors import InvalidParameter
-from ..model import MusicGenDecoder
+from ..model import KVCache, MusicGenDecoder
 from ..rng import uniforms
-from .request import Request
+from .reference import double_cfg_mix
+from .request import Request, prompt_frames, request_text
 
 BLOCK_SIZE = 16
 
@@ -92,6 +93,8 @@ class FastRunner:
         self.null_rows = torch.full((s,), -1, **i64)
         self.cfg_coef = torch.ones(s, **f32)
         self.mix_temperature = torch.ones(s, **f32)
+        self.cfg_beta = torch.ones(s, **f32)
+        self.double_cfg = torch.zeros(s, dtype=torch.bool, device=device)
         self.nonfinite = torch.zeros(s, dtype=torch.bool, device=device)
         # Sampler rows are (slot, codebook); the temperature is folded into the mix, so the sampler's is 1.
         self.sampler = ops.sample_settings(torch.ones(s * k, dtype=torch.bool, device=device),
@@ -133,17 +136,18 @@ class FastRunner:
         if request.frames > self.max_frames:
             raise InvalidParameter(f"{request.frames} frames exceed the fast backend's cache of {self.max_frames} "
                                    "frames; raise max_duration in from_pretrained")
-        states, mask = self.conditioner.encode([request.prompt])
-        t = states.shape[1]
+        states, mask = request_text(self.conditioner, request, cfg.text_hidden_size)
+        # Only the attended text positions are paged in: the unconditional zero vector (mask False) has none.
+        t = int(mask[0].sum())
         if t > self.max_text_len:
             raise InvalidParameter(f"the prompt has {t} text tokens but the fast backend allows {self.max_text_len}; "
                                    "raise max_text_len in from_pretrained or shorten the prompt")
-        cond = dec.project_text(states, mask).to(self.device)
-        cross = dec.precompute_cross(cond, mask.to(self.device))  # k, v [L, 1, H, Tt, Dh]
+        mask = mask.to(self.device)
+        cond = dec.project_text(states.to(self.device), mask)
+        cross = dec.precompute_cross(cond, mask)  # k, v [L, 1, H, Tt, Dh]
         rows_needed, blocks = self._blocks_needed(request)
         rows = [self.free_rows.pop() for _ in range(rows_needed)]
         self.slot_rows[slot] = rows
-        self.slot_step[slot] = 0
         self.reserved += blocks
         per_row = blocks // rows_needed
         cond_row = rows[0]
@@ -152,24 +156,31 @@ class FastRunner:
         self.text.block_tables[cond_row, : len(text_blocks)] = torch.tensor(text_blocks, dtype=torch.int32)
         zero = torch.zeros(1, dtype=torch.int64, device=self.device)
         for i in range(cfg.num_layers):
-            ops.kv_write(cross.k[i].transpose(1, 2), cross.v[i].transpose(1, 2), self.text.k[i], self.text.v[i],
-                         self.text.block_tables[cond_row : cond_row + 1], zero)
+            ops.kv_write(cross.k[i, :, :, :t].transpose(1, 2), cross.v[i, :, :, :t].transpose(1, 2), self.text.k[i],
+                         self.text.v[i], self.text.block_tables[cond_row : cond_row + 1], zero)
+        tp = prompt_frames(request)
         for j, row in enumerate(rows):
             self.row_blocks[row] = []
             self.row_reserve[row] = per_row
-            self.positions[row] = 0
-            self.seq_lens[row] = 1  # the step being computed is cached before it is attended
+            self.positions[row] = tp
+            self.seq_lens[row] = tp + 1  # the step being computed is cached before it is attended
             self.text_lens[row] = t if j == 0 else 0
             self.row_slot[row] = slot
-        p = request.params
-        self.step_t[slot] = 0
-        self.lengths[slot] = request.frames
-        self.seeds[slot] = request.seed
         self.codes[slot].fill_(cfg.special_token)
+        if tp:
+            self._prefill(rows, request, cond, mask)
+        self.slot_step[slot] = tp
+        p = request.params
+        self.step_t[slot] = tp
+        self.lengths[slot] = request.frames
+        self.prompt_lengths[slot] = tp
+        self.seeds[slot] = request.seed
         self.cond_rows[slot] = cond_row
         self.null_rows[slot] = rows[1] if len(rows) > 1 else -1
         self.cfg_coef[slot] = p.cfg_coef
         self.mix_temperature[slot] = 1.0 if p.greedy else p.temperature
+        self.double_cfg[slot] = p.cfg_coef_beta is not None
+        self.cfg_beta[slot] = 1.0 if p.cfg_coef_beta is None else p.cfg_coef_beta
         self.nonfinite[slot] = False
         k = cfg.num_codebooks
         ops.sample_settings(torch.full((k,), p.greedy, dtype=torch.bool, device=self.device),
@@ -177,6 +188,32 @@ class FastRunner:
                             torch.full((k,), p.top_k, dtype=torch.int64, device=self.device),
                             torch.full((k,), p.top_p, dtype=torch.float32, device=self.device), cfg.vocab_size,
                             out={name: value[slot * k : (slot + 1) * k] for name, value in self.sampler.items()})
+
+    def _prefill(self, rows: list[int], request: Request, cond: torch.Tensor, mask: torch.Tensor) -> None:
+        """Decode steps 0 .. Tp-1 of an audio continuation predict prompt frames only: compute their K/V in one
+        forward over pattern columns 0 .. Tp-1 (the reference decoder's math, into a temporary static cache) and
+        page them into the rows' first blocks; decoding resumes at step Tp."""
+        cfg, dec, bs = self.cfg, self.decoder, self.cache.block_size
+        slot = int(self.row_slot[rows[0]])
+        tp = request.prompt_codes.shape[1]
+        self.codes[slot, :, :tp] = request.prompt_codes.to(self.device)
+        columns = pattern.delay_scatter(self.codes[slot : slot + 1, :, :tp], self.delays, cfg.special_token)[:, :, :tp]
+        n = len(rows)
+        if n > 1:  # the null row: zero conditioning, nothing attended
+            cond = torch.cat([cond, torch.zeros_like(cond)])
+            mask = torch.cat([mask, torch.zeros_like(mask)])
+        cache = KVCache.allocate(cfg, n, tp, dec.dtype, self.device)
+        dec.prefill(columns.expand(n, -1, -1), 0, cache, dec.precompute_cross(cond, mask))
+        for row in rows:
+            for index in range(PagedKVCache.blocks_for(tp, bs)):
+                self.row_blocks[row].append(self.cache.grow(row, index))
+                self.row_reserve[row] -= 1
+                self.reserved -= 1
+        tables = self.cache.block_tables[rows]
+        start = torch.zeros(n, dtype=torch.int64, device=self.device)
+        for i in range(cfg.num_layers):
+            ops.kv_write(cache.k[i].transpose(1, 2), cache.v[i].transpose(1, 2), self.cache.k[i], self.cache.v[i],
+                         tables, start)
 
     def release(self, slot: int) -> None:
         for row in self.slot_rows.pop(slot, []):
@@ -192,6 +229,7 @@ class FastRunner:
         self.free_rows.sort(reverse=True)
         self.slot_step.pop(slot, None)
         self.lengths[slot] = 0
+        self.prompt_lengths[slot] = 0
         self.cond_rows[slot] = 0
         self.null_rows[slot] = -1
 
@@ -236,6 +274,11 @@ class FastRunner:
             x = dec.layer(i, x, self_attn, cross_attn)
         logits = dec.logits(x)  # [R, K, V]
         mixed = ops.cfg_mix_rows(logits, self.cond_rows, self.null_rows, self.cfg_coef, self.mix_temperature)
+        # Double CFG (few requests use it; static shapes, so every step computes it and keeps it where asked).
+        c, u = logits.float()[self.cond_rows], logits.float()[self.null_rows.clamp(min=0)]
+        alpha, beta = self.cfg_coef[:, None, None], self.cfg_beta[:, None, None]
+        double = double_cfg_mix(c, u, u, alpha, beta) / self.mix_temperature[:, None, None]
+        mixed = torch.where(self.double_cfg[:, None, None], double, mixed)
         self.nonfinite |= ~torch.isfinite(mixed).flatten(1).all(dim=1)
         u = uniforms(self.seeds, self.step_t, cfg.num_codebooks)  # [S, K]
         picked = ops.sample_rows(mixed.view(-1, cfg.vocab_size), u.view(-1), self.sampler)

@@ -17,7 +17,13 @@ from .. import pattern
 from ..model import CrossKV, KVCache, MusicGenDecoder, attention
 from ..rng import uniforms
 from ..sampling import cfg_mix, sample_tokens
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, prompt_frames, request_text
+
+
+def double_cfg_mix(cond, wav, uncond, alpha, beta):
+    """audiocraft's double CFG on fp32 logits, in its order of operations: u + α·(w + β·(c − w) − u).
+    alpha/beta: floats or tensors broadcastable to the logits."""
+    return uncond + alpha * (wav + beta * (cond - wav) - uncond)
 
 
 @dataclass
@@ -26,6 +32,7 @@ class _Slot:
     params: SamplingParams
     seed: torch.Tensor  # int64 [1]
     lengths: torch.Tensor  # int64 [1]
+    prompt_lengths: torch.Tensor  # int64 [1]: frames of audio prompt (never overwritten)
     cache: KVCache
     cross: CrossKV
     codes: torch.Tensor  # int64 [1, K, frames]
@@ -53,22 +60,33 @@ class ReferenceRunner:
     @torch.no_grad()
     def admit(self, slot: int, request: Request) -> None:
         cfg, dev = self.cfg, self.device
-        states, mask = self.conditioner.encode([request.prompt])
-        cond = self.decoder.project_text(states, mask).to(dev)
+        states, mask = request_text(self.conditioner, request, cfg.text_hidden_size)
+        cond = self.decoder.project_text(states.to(dev), mask.to(dev))
         mask = mask.to(dev)
         if request.params.use_cfg:
             cond = torch.cat([cond, torch.zeros_like(cond)])
             mask = torch.cat([mask, torch.zeros_like(mask)])
         rows = cond.shape[0]
-        self.slots[slot] = _Slot(
+        tp = prompt_frames(request)
+        codes = torch.full((1, cfg.num_codebooks, request.frames), cfg.special_token, dtype=torch.int64, device=dev)
+        st = _Slot(
             rows=rows,
             params=request.params,
             seed=torch.tensor([request.seed], dtype=torch.int64, device=dev),
             lengths=torch.tensor([request.frames], dtype=torch.int64, device=dev),
+            prompt_lengths=torch.tensor([tp], dtype=torch.int64, device=dev),
             cache=KVCache.allocate(cfg, rows, request.frames + cfg.max_delay, self.decoder.dtype, dev),
             cross=self.decoder.precompute_cross(cond, mask),
-            codes=torch.full((1, cfg.num_codebooks, request.frames), cfg.special_token, dtype=torch.int64, device=dev),
+            codes=codes,
         )
+        if tp:
+            # Decode steps 0 .. Tp-1 predict prompt frames only (every prediction would be discarded): their K/V
+            # come from one forward over pattern columns 0 .. Tp-1, and decoding resumes at step Tp.
+            codes[0, :, :tp] = request.prompt_codes.to(dev)
+            columns = pattern.delay_scatter(codes[:, :, :tp], self.delays, cfg.special_token)[:, :, :tp]
+            self.decoder.prefill(columns.expand(rows, -1, -1), 0, st.cache, st.cross)
+            st.step = tp
+        self.slots[slot] = st
 
     def release(self, slot: int) -> None:
         self.slots.pop(slot, None)
@@ -118,12 +136,16 @@ class ReferenceRunner:
         bad: dict[int, bool] = {}
         for slot, st, (a, b) in zip(slots, states, spans):
             p = st.params
-            mixed = cfg_mix(logits[a:b], 1, p.cfg_coef)[0]  # fp32 [K, V]
+            if p.cfg_coef_beta is None:
+                mixed = cfg_mix(logits[a:b], 1, p.cfg_coef)[0]  # fp32 [K, V]
+            else:  # the text-dropped logits w are the null row's: text is the only condition
+                c, u = logits[a].float(), logits[a + 1].float()
+                mixed = double_cfg_mix(c, u, u, p.cfg_coef, p.cfg_coef_beta)
             bad[slot] = not bool(torch.isfinite(mixed).all())
             step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
             u = uniforms(st.seed, step, cfg.num_codebooks)[0]  # [K]
             picked = sample_tokens(mixed, u, use_sampling=p.use_sampling, temperature=p.temperature,
                                    top_k=p.top_k, top_p=p.top_p)
-            pattern.delay_step_write(st.codes, picked[None], step, st.lengths, torch.zeros_like(step), self.delays)
+            pattern.delay_step_write(st.codes, picked[None], step, st.lengths, st.prompt_lengths, self.delays)
             st.step += 1
         return bad

@@ -31,6 +31,8 @@ class SamplingParams:
     top_p: float = 0.0
     temperature: float = 1.0
     cfg_coef: float = 3.0
+    cfg_coef_beta: float | None = None
+    two_step_cfg: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -38,18 +40,40 @@ class SamplingParams:
 
     @property
     def use_cfg(self) -> bool:
-        """cfg_coef 1 makes the null rows irrelevant (l_u + 1·(l_c − l_u) = l_c): they are not computed."""
-        return self.cfg_coef != 1.0
+        """cfg_coef 1 makes the null rows irrelevant (l_u + 1·(l_c − l_u) = l_c): they are not computed (double
+        CFG still needs them: u + 1·(u + β(c − u) − u) is not c)."""
+        return self.cfg_coef != 1.0 or self.cfg_coef_beta is not None
 
 
 def make_params(vocab_size: int, use_sampling=True, top_k=None, top_p=0.0, temperature=1.0, cfg_coef=3.0,
-                seed=None) -> SamplingParams:
-    """Validated SamplingParams (the messages of `set_generation_params`); top_k None = min(250, V)."""
+                seed=None, cfg_coef_beta=None, two_step_cfg=False) -> SamplingParams:
+    """Validated SamplingParams (the messages of `set_generation_params`); top_k None = min(250, V).
+
+    cfg_coef_beta (None or a number in [0, 1e6]): audiocraft's double CFG, l = u + α·(w + β·(c − w) − u) with
+    α = cfg_coef, w the logits with the text dropped. two_step_cfg: cond and null rows as separate forwards with
+    their own KV state; every row here already is one (rows never mix), so for text-conditioned models it is the
+    batched function. Unlike audiocraft's two-step path, which uses the model's trained coefficient (3), the
+    given cfg_coef applies."""
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, vocab_size)
     check_sampling(use_sampling, top_k, top_p, temperature, cfg_coef, seed, vocab_size)
+    if cfg_coef_beta is not None:
+        beta = check_cfg_coef(cfg_coef_beta, "cfg_coef_beta")
+        cfg_coef_beta = float(beta)
+    if not isinstance(two_step_cfg, bool):
+        raise InvalidParameter(f"two_step_cfg must be True or False; got {two_step_cfg!r}")
     return SamplingParams(use_sampling=use_sampling, top_k=int(top_k), top_p=float(top_p),
-                          temperature=float(temperature), cfg_coef=float(cfg_coef))
+                          temperature=float(temperature), cfg_coef=float(cfg_coef), cfg_coef_beta=cfg_coef_beta,
+                          two_step_cfg=two_step_cfg)
+
+
+def check_cfg_coef(value, name: str) -> float:
+    """A guidance coefficient: a finite number in [0, MAX_CFG_COEF] (the checks of cfg_coef, named `name`)."""
+    try:
+        check_sampling(True, 0, 0.0, 1.0, value, None)
+    except InvalidParameter as e:
+        raise InvalidParameter(str(e).replace("cfg_coef", name, 1)) from None
+    return float(value)
 
 
 class RequestState(enum.Enum):
@@ -63,14 +87,22 @@ class RequestState(enum.Enum):
 @dataclass
 class Request:
     """One prompt to `frames` frames of codes. `step` counts the decode steps done (the delay pattern needs
-    frames + max_delay of them); frame t is complete once step t + max_delay has run."""
+    frames + max_delay of them); frame t is complete once step t + max_delay has run.
+
+    prompt None is unconditional (one masked zero text vector). prompt_codes int64 [K, Tp] (0 < Tp < frames)
+    are the first Tp frames of an audio continuation: prefilled at admission (decode steps 0 .. Tp-1, whose
+    predictions are all prompt frames), so `step` starts at Tp. text: precomputed T5 output (states fp32
+    [1, Tt, Dt], mask bool [1, Tt]) of `prompt`, reused instead of running T5 again (long form windows).
+    """
 
     request_id: str
-    prompt: str
+    prompt: str | None
     frames: int
     seed: int
     params: SamplingParams
     arrival: int  # admission order (FIFO)
+    prompt_codes: torch.Tensor | None = None
+    text: tuple[torch.Tensor, torch.Tensor] | None = None
     state: RequestState = RequestState.WAITING
     slot: int = -1
     step: int = 0
@@ -96,6 +128,44 @@ class RequestOutput:
     new_audio: torch.Tensor | None = None
     error: Exception | None = None
     seed: int | None = None
+
+
+def prompt_frames(request: Request) -> int:
+    """Frames of audio prompt the request starts from (0 without one)."""
+    return 0 if request.prompt_codes is None else int(request.prompt_codes.shape[1])
+
+
+def request_text(conditioner, request: Request, text_hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The request's T5 output: states fp32 [1, Tt, Dt], mask bool [1, Tt]. Unconditional requests get one zero
+    vector with mask False (transformers' get_unconditional_inputs; audiocraft's None -> "" with its mask
+    zeroed projects to the same zero conditioning)."""
+    if request.text is not None:
+        return request.text
+    if request.prompt is None:
+        return (torch.zeros((1, 1, text_hidden_size), dtype=torch.float32),
+                torch.zeros((1, 1), dtype=torch.bool))
+    return conditioner.encode([request.prompt])
+
+
+def check_prompt_codes(codes, num_codebooks: int, vocab_size: int, frames: int) -> torch.Tensor | None:
+    """Audio-prompt codes int [K, Tp] with 0 <= code < V and 1 <= Tp < frames, as int64 on CPU (None passes)."""
+    if codes is None:
+        return None
+    if not isinstance(codes, torch.Tensor):
+        raise InvalidParameter(f"prompt_codes must be a torch.Tensor of int64 [{num_codebooks}, Tp]; "
+                               f"got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise InvalidParameter(f"prompt_codes must hold integers; got {codes.dtype}")
+    if codes.dim() != 2 or codes.shape[0] != num_codebooks or codes.shape[1] < 1:
+        raise InvalidParameter(f"prompt_codes must have shape [{num_codebooks}, Tp] with Tp >= 1; "
+                               f"got {list(codes.shape)}")
+    if codes.shape[1] >= frames:
+        raise InvalidParameter(f"the audio prompt ({codes.shape[1]} frames) must be shorter than the audio to "
+                               f"generate ({frames} frames): the output includes the prompt")
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidParameter(f"prompt_codes must be in [0, {vocab_size - 1}]; got values in [{low}, {high}]")
+    return codes.detach().to(device="cpu", dtype=torch.int64).contiguous()
 
 
 def draw_seed() -> int:
