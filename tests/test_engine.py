@@ -262,3 +262,10 @@ def test_generate_stream_yields_chunks_of_generate(tiny_engine):
         next(mg.generate_stream(["a", "b"]))
     with pytest.raises(InvalidParameter, match="stream_audio must be True or False; got 1"):
         mg.engine(max_batch=1, stream_audio=1)
+
+
+def test_too_long_prompt_is_refused_when_added(tiny_engine):
+    engine = tiny_engine.engine(max_batch=1)
+    with pytest.raises(InvalidParameter, match=r"prompt is \d+ tokens long; the limit is 256"):
+        engine.add_request("long", "jazz " * 400, duration=0.02)
+    assert not engine.has_unfinished_requests() and "long" not in engine.requests

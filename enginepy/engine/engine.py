@@ -63,6 +63,8 @@ class Engine:
             raise InvalidParameter(f"request_id {request_id!r} is already in the engine")
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidParameter(f"prompt must be a string; got {type(prompt).__name__} (None generates unconditionally)")
+        if prompt is not None and text is None:
+            self.runner.conditioner.check_lengths([prompt], ["prompt"])  # refused now, not at admission
         if frames is None:
             frames = request_frames(duration, self.cfg.frame_rate, self.max_duration)
         elif (isinstance(frames, bool) or not isinstance(frames, int)
