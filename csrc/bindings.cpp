@@ -1,5 +1,7 @@
 // The one place that registers enginepy's C++ ops: schemas in TORCH_LIBRARY, kernels per device in
-// TORCH_LIBRARY_IMPL. Shape stubs (fake kernels) for torch.compile live in enginepy/delay_ops.py.
+// TORCH_LIBRARY_IMPL. Shape stubs (fake kernels) for torch.compile live in enginepy/delay_ops.py and
+// enginepy/cpu_linear.py.
+#include "cpu_linear.h"
 #include "ops.h"
 
 #include <torch/library.h>
@@ -13,6 +15,14 @@ TORCH_LIBRARY(enginepy, m) {
   m.def(
       "delay_step_write(Tensor(a!) codes, Tensor tokens, Tensor step, Tensor lengths, Tensor prompt_lengths, "
       "Tensor delays) -> ()");
+
+  // CPU skinny GEMM over pre-packed bf16 / int8 weights (csrc/cpu_linear.h); fake kernels in enginepy/cpu_linear.py.
+  m.set_python_module("enginepy.cpu_linear");
+  m.def("cpu_linear_pack(Tensor weight, str kind) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_linear(Tensor x, Tensor packed, Tensor? scale, int out_features, Tensor? bias=None, "
+      "Tensor? residual=None, bool gelu=False, str isa='auto', int x_passes=2) -> Tensor");
+  m.def("cpu_linear_isas(str kind) -> str", &enginepy::cpu_linear_isas);
 }
 
 TORCH_LIBRARY_IMPL(enginepy, CPU, m) {
@@ -20,6 +30,8 @@ TORCH_LIBRARY_IMPL(enginepy, CPU, m) {
   m.impl("delay_gather", &enginepy::delay_gather_cpu);
   m.impl("delay_step_input", &enginepy::delay_step_input_cpu);
   m.impl("delay_step_write", &enginepy::delay_step_write_cpu);
+  m.impl("cpu_linear_pack", &enginepy::cpu_linear_pack);
+  m.impl("cpu_linear", &enginepy::cpu_linear);
 }
 
 #ifdef ENGINEPY_WITH_CUDA
