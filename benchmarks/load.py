@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rates or min(rates) <= 0 or args.requests < 1 or args.audio <= 0:
         p.error("--rates must be positive numbers; --requests >= 1; --audio > 0")
     args.model_dir = bench_model_dir(args.model)
+    load_start = list(os.getloadavg())
     proc = None
     url = args.url
     if url is None:
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=60)
     device = torch.device(info["device"])
     result = {
-        "environment": {**environment(device), "load_average": list(os.getloadavg())},
+        # Other work on the machine slows the server down: the load averages (1, 5, 15 min) say how much there was.
+        "environment": {**environment(device), "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
         "config": {"model": args.model, "backend": info["backend"], "dtype": info["dtype"], "device": info["device"],
                    "max_batch": info["max_batch"], "max_waiting": info["max_waiting"], "audio_s": args.audio,
                    "requests_per_rate": args.requests, "stream": not args.no_stream, "response_format": "pcm",

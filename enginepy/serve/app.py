@@ -47,7 +47,8 @@ class GenerationBody(BaseModel):
     """The request body, for the OpenAPI schema; bodies are checked by `parse_request` (the API's messages)."""
 
     prompt: str = Field(description="text description of the music")
-    duration: float = Field(DEFAULT_DURATION, description="seconds of audio, in (0, max_duration]")
+    duration: float = Field(DEFAULT_DURATION, description="seconds of audio, in (0, max_duration] (default 10, or "
+                                                          "max_duration when that is shorter)")
     seed: int | None = Field(None, description="0 .. 2**63-1; default: random (returned in the X-Seed header)")
     use_sampling: bool = Field(True, description="false: greedy decoding")
     top_k: int | None = Field(None, description="keep the k most likely tokens (default 250; 0 = off)")
