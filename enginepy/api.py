@@ -36,6 +36,23 @@ def default_backend(device: torch.device) -> str:
     return "fast" if device.type == "cuda" else "reference"
 
 
+def _cpu_packing(dtype, device: torch.device, backend: str) -> str | None:
+    """'bf16' | 'int8' when the decoder's matmuls run through the packed CPU matmul (enginepy.cpu_linear): bf16
+    and int8 weights on the CPU with the reference backend; None otherwise. dtype 'int8' exists only there."""
+    if dtype == "int8":
+        if device.type != "cpu" or backend != "reference":
+            raise InvalidParameter(f"dtype 'int8' (int8 weight-only decoder) needs device='cpu' and backend='reference'; "
+                                   f"got device {str(device)!r}, backend {backend!r}")
+        return "int8"
+    if device.type == "cpu" and backend == "reference" and dtype in ("bfloat16", torch.bfloat16):
+        try:
+            from . import cpu_linear  # noqa: F401  (needs the C++ extension)
+        except ImportError:
+            return None
+        return "bf16"
+    return None
+
+
 class MusicGen:
     """A loaded MusicGen model. Use `MusicGen.from_pretrained`."""
 
@@ -85,7 +102,11 @@ class MusicGen:
             backend = default_backend(dev)
         if backend not in BACKENDS:
             raise InvalidParameter(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        torch_dtype = parse_dtype(dtype if dtype is not None else default_dtype(dev))
+        if dtype is None:
+            dtype = default_dtype(dev)
+        packed = _cpu_packing(dtype, dev, backend)
+        # int8 is a packing of the fp32 weights (the most faithful per-channel scales); activations stay fp32.
+        torch_dtype = torch.float32 if packed == "int8" else parse_dtype(dtype)
         if isinstance(max_duration, bool) or not isinstance(max_duration, (int, float)) or not 0 < max_duration < float("inf"):
             raise InvalidParameter(f"max_duration must be a positive number of seconds; got {max_duration!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -98,6 +119,10 @@ class MusicGen:
             )
         directory = resolve_model_dir(path, dtype_name(torch_dtype), cache_dir)
         cfg, decoder, conditioner, codec = load_components(directory, torch_dtype, dev, max_text_len)
+        if packed is not None:
+            from .cpu_linear import pack_for_cpu
+
+            pack_for_cpu(decoder, packed, heads=False)  # the heads stay in torch: 2% of the weights
         return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration), max_batch, max_text_len)
 
     @property

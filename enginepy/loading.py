@@ -60,10 +60,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """bfloat16 on CUDA and on CPUs with native bf16 (measured >2x faster than fp32 there), else float32."""
-    if device.type == "cuda" or cpu_has_native_bf16():
+    """bfloat16 on CUDA. On CPU the dtype whose decode matmuls measured faster on this machine: bfloat16 through
+    the packed CPU matmul (enginepy.cpu_linear) where it beats fp32, else float32 — never slower than fp32
+    (measured once, about a second, remembered in $ENGINEPY_CACHE/cpu_dtype.json). Without the C++ extension,
+    the CPU flag decides (bf16 where the CPU multiplies it natively)."""
+    if device.type == "cuda":
         return "bfloat16"
-    return "float32"
+    try:
+        from .cpu_dtype import choose_cpu_dtype
+    except ImportError:
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return choose_cpu_dtype()
 
 
 def resolve_model_dir(path: str, dtype: str, cache_dir: str | None = None) -> str:

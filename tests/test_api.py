@@ -154,7 +154,7 @@ def test_missing_or_broken_model_directories(tiny_hf, tmp_path):
 
 
 def test_non_finite_logits_are_detected(tiny_hf, engine_cache):
-    mg = MusicGen.from_pretrained(tiny_hf, device="cpu", cache_dir=engine_cache)
+    mg = MusicGen.from_pretrained(tiny_hf, device="cpu", dtype="float32", cache_dir=engine_cache)
     mg.decoder.w("layers.0.fc2")[0, 0] = float("nan")
     mg.set_generation_params(duration=0.1, seed=0)
     with pytest.raises(NonFiniteLogits, match="NaN/inf logits at step 0"):
@@ -183,9 +183,20 @@ def test_progress_callback_sees_every_step(tiny_engine):
 
 
 def test_default_dtype_follows_the_hardware(monkeypatch):
+    """bf16 on CUDA; on CPU the measured choice (tests/test_cpu_dtypes.py), or the CPU flag without the extension."""
+    import builtins
+
     from enginepy import loading
 
     assert loading.default_dtype(torch.device("cuda")) == "bfloat16"
+    real_import = builtins.__import__
+
+    def no_extension(name, *args, **kwargs):
+        if name.endswith("cpu_dtype") or (args and args[2] and "cpu_dtype" in args[2]):
+            raise ImportError("no extension")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_extension)
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     assert loading.default_dtype(torch.device("cpu")) == "float32"
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
