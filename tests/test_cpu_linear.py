@@ -356,9 +356,13 @@ def decoder_dir(tmp_path_factory):
 
 
 def load_decoder(decoder_dir, cache, dtype):
-    from enginepy import MusicGen
+    """The plain decoder (F.linear): from_pretrained would already route a bf16 one through the packed op."""
+    from enginepy import loading
+    from enginepy.config import ModelConfig
+    from enginepy.convert import parse_dtype
 
-    return MusicGen.from_pretrained(decoder_dir, device="cpu", dtype=dtype, cache_dir=cache).decoder
+    directory = loading.resolve_model_dir(decoder_dir, dtype, cache)
+    return loading.load_decoder(directory, ModelConfig.load(directory), parse_dtype(dtype), torch.device("cpu"))
 
 
 def teacher_forced_logits(decoder, steps=24, batch=2, seed=0):
