@@ -80,9 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=2.0, help="seconds of audio (default 2)")
     d.add_argument("--out", default="demo.wav", help="audio file, .wav | .flac | .ogg (default demo.wav)")
 
+    from .render.command import add_parser as add_render_parser
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    add_render_parser(sub)
 
     k = sub.add_parser("cache", help="list or prune the converted copies of Hugging Face directories")
     k.add_argument("action", choices=("list", "prune"),
@@ -294,6 +296,12 @@ def _poisson(args, dev, backend: str, out: str) -> dict:
                 environment=environment(dev), **result)
 
 
+def _render(args) -> int:
+    from .render.command import run
+
+    return run(args)
+
+
 def _serve(args) -> int:
     from .serve.cli import run
 
@@ -339,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo,
-                "cache": _cache, "serve": _serve}[args.command](args)
+                "cache": _cache, "serve": _serve,
+                "render": _render}[args.command](args)
     except EnginepyError as e:
         print(f"enginepy: error: {e}", file=sys.stderr)
         return 2
