@@ -7,7 +7,7 @@ it comes round again; a CPU may report a last-level cache of a few hundred MiB. 
 method in turn (so a shared machine's changing load hits them alike); µs per call is the median over rounds of
 (pass time / copies), and the least one is reported too. GB/s is the bytes of the weight as stored (packed,
 with padding and scales, for cpu_linear) over that time, next to the copy bandwidth (bytes read + written per
-second of a 256 MiB copy, as `enginepy bench` reports it).
+second of a 256 MiB copy, as `enginepy bench` reports it; here the fastest of 7, same clock and threads).
 
     python benchmarks/bench_cpu_gemm.py [--model small|medium|large] [--rows 2 8 16] [--threads N]
                                         [--rounds 7] [--clock wall|thread] [--isas] [--out FILE]
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _cpu_results import write_cpu_result  # noqa: E402
-from enginepy.bench import copy_bandwidth_gbps, device_name, environment  # noqa: E402
+from enginepy.bench import device_name, environment  # noqa: E402
 from enginepy.cpu_linear import KINDS, isas, last_level_cache_bytes, linear, pack_weight  # noqa: E402
 from enginepy.random_model import released_spec  # noqa: E402
 
@@ -55,6 +55,19 @@ class Method:
     nbytes: int
     dtype: torch.dtype
     call: object  # (x, weight) -> y
+
+
+def copy_gbps_with(clock, megabytes: int = 256, rounds: int = 7) -> float:
+    """Copy bandwidth (bytes read + written per second) of a 256 MiB tensor copy, timed with `clock` and the
+    current torch thread count like the matmuls; the fastest of `rounds` copies."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        start = clock()
+        dst.copy_(src)
+        best = min(best, clock() - start)
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 def copies_for(nbytes: int, rotate_bytes: int) -> int:
@@ -129,7 +142,8 @@ def main() -> None:
         parser.error("--clock thread measures one thread: use it with --threads 1")
     rotate = max(args.rotate_mib * 2**20, 4 * last_level_cache_bytes())
     cpu = torch.device("cpu")
-    copy_gbps = copy_bandwidth_gbps(cpu)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    copy_gbps = copy_gbps_with(clock)
     env = environment(cpu)
     flags = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
              if f in Path("/proc/cpuinfo").read_text().split()] if Path("/proc/cpuinfo").exists() else []
@@ -137,7 +151,6 @@ def main() -> None:
           f"{rotate / 2**20:.0f} MiB | torch {torch.__version__}")
     print(f"{'method':<28} {'shape NxK':>11} {'M':>3} {'us p50':>9} {'us min':>9} {'GB/s':>7} {'best':>7} "
           f"{'% copy':>7} {'vs fp32':>8}   (GB/s best and % copy from the least time)")
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = []
     for name, n, k in model_shapes(args.model):
         methods = build_methods(n, k, rotate, args.isas)

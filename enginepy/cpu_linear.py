@@ -165,6 +165,8 @@ def pack_for_cpu(decoder, kind: str, heads: bool = True, release: bool = True, i
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     if decoder.device.type != "cpu":
         raise ValueError(f"pack_for_cpu needs a decoder on the CPU; got {decoder.device}")
+    if decoder.linear_impl is not None:
+        raise ValueError("the decoder's matmuls are packed already (decoder.linear_impl is set)")
     if isa != "auto" and isa not in isas(kind):
         raise ValueError(f"isa must be 'auto' or one of {', '.join(isas(kind))} on this CPU; got {isa!r}")
     if x_passes not in ((1, 2) if kind == "int8" else (2,)):

@@ -451,6 +451,8 @@ def test_pack_for_cpu_bad_arguments(decoder_dir, tmp_path):
         pack_for_cpu(decoder, "bf16", x_passes=1)
     pack_for_cpu(decoder, "int8", release=False, isa="scalar")
     assert decoder.w("layers.0.fc1").shape == (4 * DECODER_SPEC["hidden_size"], DECODER_SPEC["hidden_size"])
+    with pytest.raises(ValueError, match="packed already"):
+        pack_for_cpu(decoder, "bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------
