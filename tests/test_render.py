@@ -290,6 +290,33 @@ def test_damaged_missing_and_changed_jobs_are_redone_and_nothing_else(model_dir,
     assert "done 6 " in capsys.readouterr().out
 
 
+def test_a_write_that_fails_mid_run_is_one_line_and_the_rerun_resumes(model_dir, reference, tmp_path, capsys,
+                                                                       monkeypatch):
+    import errno
+
+    from enginepy.render import worker
+
+    ref_jobs, ref_out = reference
+    out = tmp_path / "out"
+    real, calls = worker.write_audio, []
+
+    def disk_full_at_the_third(path, wav, rate):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, wav, rate)
+
+    monkeypatch.setattr(worker, "write_audio", disk_full_at_the_third)
+    assert _render(model_dir, ref_jobs, out) == 2
+    assert capsys.readouterr().err == (f"enginepy: error: cannot write {calls[2]} (No space left on device); the jobs "
+                                       "finished so far are recorded: run the same command again to resume\n")
+    assert len(_manifest(out)) == 2
+    monkeypatch.setattr(worker, "write_audio", real)
+    assert _render(model_dir, ref_jobs, out) == 0
+    assert "done 4 (" in capsys.readouterr().out
+    assert _untimed(out) == _untimed(ref_out)
+
+
 # Runs render in a child process that SIGKILLs itself at the 3rd audio file: before its rename (a temporary
 # file is left behind) or after it (a finished file without its manifest line).
 KILLER = """
@@ -359,6 +386,17 @@ def test_options_are_refused_in_one_line_before_any_work(tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert code == 2 and err == f"enginepy: error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_enginepy_render_on_the_main_command_line(model_dir, reference, tmp_path, capsys):
+    ref_jobs, ref_out = reference
+    assert cli_main(["render", ref_jobs, "--out", str(tmp_path / "o"), "--format", "mp3"]) == 2
+    assert capsys.readouterr().err == "enginepy: error: --format must be one of wav, flac; got 'mp3'\n"
+    argv = [ref_jobs, "--out", str(tmp_path / "out"), "--model", model_dir, "--device", "cpu", "--dtype", "float32",
+            "--seed", str(BASE_SEED), "--max-batch", "3", "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "enginepy", "render", *argv], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _untimed(tmp_path / "out") == _untimed(ref_out)
 
 
 def test_job_file_and_output_directory_refusals(tmp_path, capsys):

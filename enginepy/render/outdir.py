@@ -13,6 +13,7 @@ differs between runs.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,27 @@ IDENTITY = ("prompt", "settings", "seed", "frames", "model", "dtype", "file")
 
 class OutputBusy(EnginepyError, RuntimeError):
     """Another process is rendering into the same directory."""
+
+
+class OutputError(EnginepyError, OSError):
+    """A file in the output directory could not be written (disk full, directory made read-only mid-run)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot write {path} ({reason}); the jobs finished so far are recorded: run the same "
+                         "command again to resume")
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Turn a failed write of `path` into an OutputError: one line, not a traceback, however it failed."""
+    import soundfile
+
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(path, e.strerror or str(e)) from None
+    except soundfile.SoundFileError as e:
+        raise OutputError(path, str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -176,16 +198,18 @@ class OutputDir:
                 f.flush()
                 os.fsync(f.fileno())
 
-        write_atomically(self.manifest, write)
-        _fsync_directory(self.path)
+        with writing(self.manifest):
+            write_atomically(self.manifest, write)
+            _fsync_directory(self.path)
 
     def append(self, entry: dict) -> None:
         """Add one line to the manifest, durable before this returns (flush + fsync)."""
-        if self._journal is None:
-            self._journal = open(self.manifest, "a", encoding="utf-8")
-        self._journal.write(json.dumps(entry) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        with writing(self.manifest):
+            if self._journal is None:
+                self._journal = open(self.manifest, "a", encoding="utf-8")
+            self._journal.write(json.dumps(entry) + "\n")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
 
 
 def ordered(entries: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ from ..audio_io import write_audio
 from ..errors import EnginepyError
 from ..precision import fp32_matmul_exact
 from .jobs import Job
-from .outdir import OutputKey, done_entry, failed_entry, file_sha256
+from .outdir import OutputKey, done_entry, failed_entry, file_sha256, writing
 
 
 def longest_first(jobs: list[Job]) -> list[Job]:
@@ -78,5 +78,7 @@ class Renderer:
         """codes int64 [K, frames] -> DIR/<id>.<fmt> (atomic) -> its manifest line."""
         wav = self.mg.generate_audio(codes[None])[0]  # [C, frames * hop]
         path = os.path.join(self.out_dir, self.key.file_name(job))
-        write_audio(path, wav, self.mg.sample_rate)
-        return done_entry(job, self.key, file_sha256(path), time.perf_counter() - t0)
+        with writing(path):
+            write_audio(path, wav, self.mg.sample_rate)
+            sha256 = file_sha256(path)
+        return done_entry(job, self.key, sha256, time.perf_counter() - t0)
