@@ -4,13 +4,14 @@ int8 (enginepy.cpu_linear), against transformers' fp32 MusicGen on the same rand
 Each round times every configuration back to back with enginepy.bench (ms per step p50/p99 from a timestamp
 per step, render time of the whole clip, GB/s of weights + KV cache per step against the copy bandwidth); the
 summary holds medians over rounds and speedups against transformers in the same round. The bf16 and int8 rows
-pack the decoder with enginepy.cpu_linear.pack_for_cpu; the heads go through the op as one [K*V, D] matrix.
+load with from_pretrained(dtype=...), which packs every decoder matmul for enginepy.cpu_linear (the heads as one
+[K*V, D] matrix). The CPU default dtype (enginepy.cpu_dtype's measured choice) is recorded with the results.
 
     python benchmarks/bench_cpu_step.py [--model small] [--batches 1 8] [--duration 1] [--rounds 3]
                                         [--threads N] [--configs ...] [--out FILE]
 
-configs: fp32 (plain F.linear), bf16 (decoder bf16, matmuls through the op), int8 (decoder fp32, int8 weights),
-int8-bf16act (decoder bf16, int8 weights), torch-bf16 (decoder bf16, plain F.linear).
+configs: fp32 (plain F.linear), bf16 (decoder bf16, matmuls through the op), int8 (dtype='int8': int8 weights,
+fp32 activations in two int8 passes), int8-1pass (the same with one 8-bit activation pass).
 Writes benchmarks/results/cpu_step-<model>-<cpu>.json naming the CPU.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _cpu_results import write_cpu_result  # noqa: E402
 from enginepy import MusicGen  # noqa: E402
+from enginepy.cpu_dtype import choose_cpu_dtype  # noqa: E402
 from enginepy.bench import (  # noqa: E402
     bench_enginepy,
     bench_model_dir,
@@ -37,23 +39,14 @@ from enginepy.bench import (  # noqa: E402
     copy_bandwidth_gbps,
     environment,
 )
-from enginepy.cpu_linear import pack_for_cpu  # noqa: E402
 
-# config -> (decoder dtype, packed kind or None)
+# config -> (decoder dtype, packed kind or None, int8 activation passes)
 CONFIGS = {
-    "fp32": ("float32", None),
-    "torch-bf16": ("bfloat16", None),
-    "bf16": ("bfloat16", "bf16"),
-    "int8": ("float32", "int8"),
-    "int8-bf16act": ("bfloat16", "int8"),
+    "fp32": ("float32", None, 2),
+    "bf16": ("bfloat16", "bf16", 2),
+    "int8": ("int8", "int8", 2),
+    "int8-1pass": ("int8", "int8", 1),
 }
-
-
-def route_heads_through_op(decoder) -> None:
-    """logits() through linear_impl(x, 'heads') (heads packed as [K*V, D]); the unpacked heads are dropped."""
-    impl, k, v = decoder.linear_impl, decoder.cfg.num_codebooks, decoder.cfg.vocab_size
-    decoder.logits = lambda x: impl(decoder._ln(x, "ln_out"), "heads").unflatten(-1, (k, v))
-    del decoder.heads
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -100,13 +93,13 @@ def main() -> None:
           f"{args.duration:g} s of audio | CFG 3, top-k 250")
     engines, frames = {}, None
     for config in args.configs:
-        dtype, kind = CONFIGS[config]
+        dtype, kind, passes = CONFIGS[config]
         mg = MusicGen.from_pretrained(hf_dir, device=cpu, dtype=dtype, backend="reference",
                                       max_batch=max(args.batches), max_duration=max(args.duration, 1.0),
                                       cache_dir=args.cache_dir)
-        if kind is not None:
-            pack_for_cpu(mg.decoder, kind)
-            route_heads_through_op(mg.decoder)
+        if kind is not None:  # from_pretrained packs bf16 and int8 on the CPU itself (layers and heads)
+            assert mg.decoder.linear_impl is not None and "heads" in mg.decoder.linear_impl.weights
+            mg.decoder.linear_impl.x_passes = passes
         engines[config] = mg
     # Rounds run every configuration back to back, so a change in the machine's load between rounds hits all of
     # them alike; speedups are taken within a round, then the median over rounds is reported.
@@ -132,6 +125,7 @@ def main() -> None:
         print(f"{s['config']:<18} {s['batch']:>5} {s['ms_step_p50']:>8.2f} {s['render_s']:>9.3f} "
               f"{f'{step:.2f}x' if step else '-':>10} {f'{render:.2f}x' if render else '-':>12}")
     result = dict(environment=env, copy_gbps=copy_gbps, threads=torch.get_num_threads(),
+                  default_dtype=choose_cpu_dtype(), load_average=os.getloadavg(),
                   config=dict(model=args.model, duration_s=args.duration, frames=frames, batches=args.batches,
                               cfg_coef=3.0, top_k=250, repeats=args.repeats, rounds=args.rounds),
                   summary=summary, rows=rows)

@@ -122,7 +122,7 @@ class MusicGen:
         if packed is not None:
             from .cpu_linear import pack_for_cpu
 
-            pack_for_cpu(decoder, packed, heads=False)  # the heads stay in torch: 2% of the weights
+            pack_for_cpu(decoder, packed)
         return cls(cfg, decoder, conditioner, codec, dev, backend, float(max_duration), max_batch, max_text_len)
 
     @property
@@ -178,17 +178,25 @@ class MusicGen:
         return self._generate_codes(check_prompts(descriptions), None, progress)
 
     def _generate_codes(self, prompts: list[str | None], prompt_codes: list[torch.Tensor] | None,
-                        progress: bool) -> torch.Tensor:
+                        progress: bool, melodies: torch.Tensor | None = None) -> torch.Tensor:
         """prompts (None: unconditional) and optional audio-prompt codes [K, Tp] per row -> codes int64
-        [B, K, frames] on CPU, in windows when the duration exceeds max_duration (T5 runs once per prompt)."""
+        [B, K, frames] on CPU, in windows when the duration exceeds max_duration (T5 runs once per prompt).
+        melodies: chroma [B, Nc, 12] (MusicGen-Melody). A melody model's text prefixes are padded to the call's
+        longest prompt, as one padded batch of transformers or audiocraft is."""
         texts = [p for p in prompts if p is not None]
+        text_len = None
         if texts:  # before any work, naming descriptions[i]
-            self.conditioner.check_lengths(texts, [f"descriptions[{i}]" for i, p in enumerate(prompts) if p is not None])
+            lengths = self.conditioner.check_lengths(
+                texts, [f"descriptions[{i}]" for i, p in enumerate(prompts) if p is not None])
+            text_len = max(lengths) if self.cfg.prefix else None
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         if seed + len(prompts) - 1 > 2**63 - 1:
             raise InvalidParameter(f"seed + number of prompts must stay below 2**63; got seed {seed}")
         tp = 0 if prompt_codes is None else prompt_codes[0].shape[-1]
         plan = window_plan(self.duration, self.max_duration, self.extend_stride, self.frame_rate, tp)
+        if len(plan) > 1 and melodies is not None:
+            raise InvalidParameter(f"a melody conditions at most max_duration ({self.max_duration:g} s); long form "
+                                   "with a melody is not supported")
         with self._lock, fp32_matmul_exact(self.decoder.dtype):
             engine = self._engine if self._engine is not None else self.engine(min(len(prompts), self.max_batch))
             states = None
@@ -199,7 +207,7 @@ class MusicGen:
             def run_window(codes, frames, window_seed):
                 return generate_tokens(engine, prompts, self.duration, self.params, window_seed, progress=progress,
                                        on_step=self._progress_callback, prompt_codes=codes, frames=frames,
-                                       texts=states)
+                                       texts=states, melodies=melodies, text_len=text_len)
 
             stride = int(self.frame_rate * self.extend_stride) if len(plan) > 1 else 0
             return generate_windows(run_window, plan, stride, prompt_codes or [None] * len(prompts), seed)
@@ -214,18 +222,70 @@ class MusicGen:
         return (wav, codes) if return_tokens else wav
 
     def generate_continuation(self, prompt, prompt_sample_rate: int, descriptions=None, progress: bool = False,
-                              return_tokens: bool = False):
+                              return_tokens: bool = False, melody_wavs=None, melody_sample_rate: int | None = None):
         """Continue audio prompts: prompt float [B, C, T] or [C, T] at prompt_sample_rate (converted to the
         model's rate and channels, then EnCodec-encoded); descriptions: None (unconditional) or B entries, each a
         string or None. The output starts with the prompt's codes, which count toward the duration ->
-        float32 [B, C, samples] (and codes int64 [B, K, frames])."""
+        float32 [B, C, samples] (and codes int64 [B, K, frames]). MusicGen-Melody models also take melody_wavs
+        and melody_sample_rate as generate_with_chroma does (default: no melody)."""
         wav = check_waveforms(prompt, "prompt")
         rate = check_sample_rate(prompt_sample_rate, "prompt_sample_rate")
+        melodies = None
+        if melody_wavs is not None:
+            if not self.cfg.prefix:
+                raise InvalidParameter("melody_wavs needs a MusicGen-Melody model (this one is conditioned on text only)")
+            melodies = self._melody_chroma(melody_wavs, melody_sample_rate)
+            if melodies.shape[0] != wav.shape[0]:
+                raise InvalidParameter(f"melody_wavs has {melodies.shape[0]} melodies but the prompt has "
+                                       f"{wav.shape[0]} (one each)")
         prompt_codes = encode_audio(self.codec, convert_audio(wav, rate, self.sample_rate, self.audio_channels))
         prompts = check_optional_prompts(descriptions, prompt_codes.shape[0])
-        codes = self._generate_codes(prompts, list(prompt_codes), progress)
+        codes = self._generate_codes(prompts, list(prompt_codes), progress, melodies=melodies)
         wav = self.generate_audio(codes)
         return (wav, codes) if return_tokens else wav
+
+    def generate_with_chroma(self, descriptions, melody_wavs, melody_sample_rate: int, progress: bool = False,
+                             return_tokens: bool = False):
+        """MusicGen-Melody: prompts conditioned on melodies (audiocraft's name and arguments). descriptions: B
+        entries, strings or None; melody_wavs: float [B, C, T] or [C, T], or a list of B waveforms [C, T_i] (None
+        entries: no melody), at melody_sample_rate (resampled to the chroma's rate). The chroma is transformers'
+        (enginepy.chroma; no stem separation) -> float32 [B, C, samples] (and codes int64 [B, K, frames])."""
+        if not self.cfg.prefix:
+            raise InvalidParameter("generate_with_chroma needs a MusicGen-Melody model (this one is conditioned on "
+                                   "text only)")
+        melodies = self._melody_chroma(melody_wavs, melody_sample_rate)
+        prompts = check_optional_prompts(descriptions, melodies.shape[0])
+        codes = self._generate_codes(prompts, None, progress, melodies=melodies)
+        wav = self.generate_audio(codes)
+        return (wav, codes) if return_tokens else wav
+
+    def _melody_chroma(self, melody_wavs, melody_sample_rate) -> torch.Tensor:
+        """melody_wavs (float [B, C, T] or [C, T], or a list of [C, T_i] / None) at melody_sample_rate -> chroma
+        float32 [B, Nc, 12]: resampled to the chroma's rate, the given melodies as one padded batch (as the feature
+        extractor computes them), None entries the null chroma."""
+        from .chroma import chroma_features, null_chroma
+
+        rate = check_sample_rate(melody_sample_rate, "melody_sample_rate")
+        chroma_rate = self.cfg.chroma["sampling_rate"]
+        if isinstance(melody_wavs, (list, tuple)):
+            if not melody_wavs:
+                raise InvalidParameter("melody_wavs is an empty list (one waveform or None per description)")
+            wavs = [None if w is None else check_waveforms(w, f"melody_wavs[{i}]") for i, w in enumerate(melody_wavs)]
+            for i, w in enumerate(wavs):
+                if w is not None and w.shape[0] != 1:
+                    raise InvalidParameter(f"melody_wavs[{i}] must be one waveform [C, T]; got {list(w.shape)}")
+        else:
+            wavs = list(check_waveforms(melody_wavs, "melody_wavs")[:, None])
+        given = [i for i, w in enumerate(wavs) if w is not None]
+        melodies = null_chroma(len(wavs))
+        if given:
+            converted = [convert_audio(wavs[i], rate, chroma_rate, wavs[i].shape[1])[0] for i in given]
+            c = self.cfg.chroma
+            feats = chroma_features(converted, chroma_rate, n_fft=c["n_fft"], hop_length=c["hop_length"],
+                                    chunk_length_s=float(c["chunk_length"]))
+            melodies = melodies.expand(len(wavs), feats.shape[1], -1).clone()
+            melodies[given] = feats
+        return melodies
 
     def engine(self, max_batch: int | None = None, max_waiting: int | None = None,
                stream_audio: bool = False) -> Engine:

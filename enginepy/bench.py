@@ -24,6 +24,7 @@ import torch
 
 from .loading import default_cache_dir
 from .random_model import RELEASED_SHAPES, RandomModelSpec, build_random_hf_model, released_spec
+from .weights import FP32_KEYS
 
 PROMPT = "lo-fi beat with warm piano and soft drums"
 TOP_K = 250  # audiocraft's default; a vocabulary smaller than this samples over all of it
@@ -175,7 +176,7 @@ def bench_enginepy(mg, batch: int, duration: float, copy_gbps: float, repeats: i
     render = _median_seconds(lambda: mg.generate(prompts), device, repeats)
     cfg = mg.cfg
     elem = mg.decoder.w("emb").element_size()
-    weight_bytes = sum(t.numel() * t.element_size() for n, t in mg.decoder.named_buffers() if not n.startswith("text_proj"))
+    weight_bytes = sum(t.numel() * t.element_size() for n, t in mg.decoder.named_buffers() if not n.startswith(FP32_KEYS))
     p50 = statistics.median(step_ms)
     moved = _bytes_per_step(weight_bytes, cfg.num_layers, cfg.hidden_size, 2 * batch, len(step_ms), elem)
     return BenchRow(

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--continue", dest="continue_from", default=None, metavar="FILE",
                    help="continue this audio file (WAV/FLAC/Ogg; resampled and mixed to the model's rate and "
                         "channels): every prompt starts from it, and it counts toward --duration")
+    g.add_argument("--melody", default=None, metavar="FILE",
+                   help="MusicGen-Melody models: condition every prompt on the chroma of this audio file (WAV/FLAC/Ogg)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="enginepy vs transformers on the same weights: step latency, render time, throughput")
@@ -101,7 +103,8 @@ def _model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_
     p.add_argument("--backend", default=None, help="reference | fast (default: the engine's default for the device)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None,
-                   help="decoder dtype: float32 | float16 | bfloat16 (default: the engine's default for the device)")
+                   help="decoder dtype: float32 | float16 | bfloat16 | int8 (int8: CPU reference backend only; "
+                        "default: the engine's default for the device)")
     p.add_argument("--max-duration", type=float, default=30.0, help="longest duration the model is set up for (s)")
     p.add_argument("--max-text-len", type=int, default=256,
                    help="longest prompt in tokens, at most 512 (T5's training length; default 256)")
@@ -129,22 +132,20 @@ def _load(args):
                                     max_batch=max_batch, max_text_len=args.max_text_len, **given)
 
 
-def _check_static(args) -> None:
-    """Everything that can be refused without loading a model: parameters and output paths."""
+def check_model_options(args) -> None:
+    """--backend, --dtype, --max-duration, --duration and --max-text-len, as generate, demo and render take them."""
     from .api import BACKENDS
-    from .audio_io import check_audio_path, check_distinct, check_tokens_path, numbered_paths
     from .conditioning import check_max_text_len
     from .convert import parse_dtype
     from .errors import InvalidParameter
-    from .loading import parse_device
-    from .params import check_prompts, check_sampling
 
     if args.backend is not None and args.backend not in BACKENDS:
         raise InvalidParameter(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
-    parse_device(args.device)
-    if args.dtype is not None:
-        if args.dtype != "int8":  # int8: the packed CPU decoder, checked against the device when loading
+    if args.dtype is not None and args.dtype != "int8":  # int8: the packed CPU decoder, checked when loading
+        try:
             parse_dtype(args.dtype, "--dtype")
+        except InvalidParameter:
+            raise InvalidParameter(f"--dtype must be one of float32, float16, bfloat16, int8; got {args.dtype!r}") from None
     if not args.max_duration > 0 or args.max_duration == float("inf"):
         raise InvalidParameter(f"--max-duration must be a positive number of seconds; got {args.max_duration}")
     if not 0 < args.duration <= args.max_duration:
@@ -153,6 +154,16 @@ def _check_static(args) -> None:
         check_max_text_len(args.max_text_len)
     except InvalidParameter:
         raise InvalidParameter(f"--max-text-len must be an integer in [1, 512]; got {args.max_text_len}") from None
+
+
+def _check_static(args) -> None:
+    """Everything that can be refused without loading a model: parameters and output paths."""
+    from .audio_io import check_audio_path, check_distinct, check_tokens_path, numbered_paths
+    from .loading import parse_device
+    from .params import check_prompts, check_sampling
+
+    parse_device(args.device)
+    check_model_options(args)
     count = 1
     if hasattr(args, "prompts"):
         count = len(check_prompts(args.prompts))
@@ -167,6 +178,10 @@ def _check_static(args) -> None:
         from .audio_prompt import read_audio
 
         args.continue_audio = read_audio(args.continue_from, "--continue")  # refused before the model loads
+    if getattr(args, "melody", None) is not None:
+        from .audio_prompt import read_audio
+
+        args.melody_audio = read_audio(args.melody, "--melody")
 
 
 def _settings_line(model: str, mg, seed: int | None) -> str:
@@ -188,10 +203,16 @@ def _generate(args) -> int:
     greedy = args.greedy or args.temperature == 0
     print(_settings_line(args.model, mg, None if greedy else seed), flush=True)
     start = time.perf_counter()
+    melody = {}
+    if getattr(args, "melody_audio", None) is not None:
+        audio, rate = args.melody_audio
+        melody = dict(melody_wavs=[audio] * len(args.prompts), melody_sample_rate=rate)
     if getattr(args, "continue_audio", None) is not None:
         audio, rate = args.continue_audio
         wav, codes = mg.generate_continuation(audio.expand(len(args.prompts), -1, -1), rate, args.prompts,
-                                              progress=not args.quiet, return_tokens=True)
+                                              progress=not args.quiet, return_tokens=True, **melody)
+    elif melody:
+        wav, codes = mg.generate_with_chroma(args.prompts, progress=not args.quiet, return_tokens=True, **melody)
     else:
         wav, codes = mg.generate(args.prompts, progress=not args.quiet, return_tokens=True)
     elapsed = time.perf_counter() - start

@@ -15,6 +15,8 @@ CODEC_DIR = "codec"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+CONDITIONINGS = ("cross", "prefix")
+CHROMA_KEYS = ("sampling_rate", "n_fft", "hop_length", "chunk_length")
 
 
 def read_json_object(path: str) -> dict:
@@ -51,6 +53,10 @@ class ModelConfig:
     vocab_size V (heads output V; embeddings have V + 1 rows, the last one the special token),
     delays [K] (the delay pattern), text_hidden_size (T5 width), sample_rate (Hz), frame_rate (codes/s),
     hop_length (samples per frame), audio_channels, dtype of the decoder weights.
+    conditioning: "cross" (text through cross-attention: MusicGen) or "prefix" (MusicGen-Melody: no
+    cross-attention; [chroma_length frames of projected chroma ; projected text] are prepended to the tokens as a
+    prefix of the self-attention sequence); num_chroma (chroma bins) and chroma (the chroma's STFT parameters:
+    sampling_rate, n_fft, hop_length, chunk_length in seconds) for "prefix" models.
     """
 
     hidden_size: int
@@ -66,6 +72,10 @@ class ModelConfig:
     hop_length: int
     audio_channels: int = 1
     layer_norm_eps: float = 1e-5
+    conditioning: str = "cross"
+    chroma_length: int = 0
+    num_chroma: int = 0
+    chroma: dict = field(default_factory=dict)
     dtype: str = "float32"
     format: str = "enginepy"
     version: int = FORMAT_VERSION
@@ -78,6 +88,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def prefix(self) -> bool:
+        """True for MusicGen-Melody: the conditioning is a prefix of the self-attention sequence."""
+        return self.conditioning == "prefix"
 
     @property
     def max_delay(self) -> int:
@@ -107,6 +122,16 @@ class ModelConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ModelFileError(f"{where}: layer_norm_eps must be a number in (0, 1); got {eps!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ModelFileError(f"{where}: conditioning must be one of {', '.join(CONDITIONINGS)}; "
+                                 f"got {self.conditioning!r}")
+        if self.prefix:
+            require_int(d, "chroma_length", where)
+            require_int(d, "num_chroma", where)
+            if not isinstance(self.chroma, dict):
+                raise ModelFileError(f"{where}: chroma must be a JSON object; got {self.chroma!r}")
+            for key in CHROMA_KEYS:
+                require_int(self.chroma, key, f"{where} chroma")
         if self.dtype not in DTYPE_NAMES:
             raise ModelFileError(f"{where}: dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
         if not isinstance(self.source, dict):

@@ -28,7 +28,9 @@ from .config import ModelConfig, read_json_object, require_int
 from .errors import InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .pattern import mono_delays, stereo_delays
+from .random_model import MELODY_FEATURES
 from .weights import (
+    FP32_KEYS,
     IGNORED_KEYS,
     check_keys,
     expected_decoder_shapes,
@@ -40,6 +42,7 @@ from .weights import (
 
 # Without one of these, AutoTokenizer would quietly build an untrained default tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+MODEL_TYPES = ("musicgen", "musicgen_melody")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,9 +72,10 @@ def read_hf_config(src: str) -> dict:
     if not os.path.isfile(path):
         raise ModelFileError(f"{src}: config.json is missing (expected a Hugging Face MusicGen directory)")
     hf = read_json_object(path)
-    if hf.get("model_type") != "musicgen":
+    if hf.get("model_type") not in MODEL_TYPES:
         raise ModelFileError(
-            f"{path}: model_type is {hf.get('model_type')!r}; only 'musicgen' (text-conditioned MusicGen) is supported"
+            f"{path}: model_type is {hf.get('model_type')!r}; supported: 'musicgen' (MusicGen) and "
+            "'musicgen_melody' (MusicGen-Melody)"
         )
     for part in ("text_encoder", "audio_encoder", "decoder"):
         if part not in hf:
@@ -138,6 +142,12 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             f"{where}: num_codebooks {k} needs {k // channels} quantizers per channel but the codec has "
             f"{codec_cfg.num_quantizers}"
         )
+    melody = {}
+    if hf["model_type"] == "musicgen_melody":
+        for key in ("num_chroma", "chroma_length"):
+            melody[key] = require_int(hf, key, where.rsplit(" ", 1)[0])
+        melody["conditioning"] = "prefix"
+        melody["chroma"] = {k: MELODY_FEATURES[k] for k in cfgmod.CHROMA_KEYS}  # the directory's: chroma_settings
     special = dec.get("pad_token_id", dec["vocab_size"])
     if special != dec["vocab_size"]:
         raise ModelFileError(f"{where}: pad_token_id {special} must equal vocab_size {dec['vocab_size']}")
@@ -154,8 +164,25 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         frame_rate=codec_cfg.frame_rate,
         hop_length=codec_cfg.hop_length,
         audio_channels=channels,
+        **melody,
     )
     return cfg.validate(where)
+
+
+def chroma_settings(src: str) -> dict:
+    """A MusicGen-Melody directory's chroma parameters: its preprocessor_config.json (the feature extractor's),
+    with MusicgenMelodyFeatureExtractor's defaults for what it does not set."""
+    settings = {k: MELODY_FEATURES[k] for k in cfgmod.CHROMA_KEYS}
+    path = os.path.join(src, "preprocessor_config.json")
+    if os.path.isfile(path):
+        data = read_json_object(path)
+        for key in cfgmod.CHROMA_KEYS:
+            if key in data:
+                settings[key] = require_int(data, key, path)
+        if data.get("num_chroma", 12) != 12 or data.get("feature_size", 12) != 12:
+            raise ModelFileError(f"{path}: only 12 chroma bins are supported; got num_chroma "
+                                 f"{data.get('num_chroma')!r}, feature_size {data.get('feature_size')!r}")
+    return settings
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -245,6 +272,9 @@ def _convert_locked(src: str, dst: str, torch_dtype: torch.dtype, parent: str) -
     where = os.path.join(src, "config.json")
     cfg = model_config_from_hf(hf, where)
     cfg.dtype = dtype_name(torch_dtype)
+    if cfg.prefix:
+        cfg.chroma = chroma_settings(src)
+        cfg.validate(where)
     cfg.source = {"kind": "huggingface", "path": os.path.abspath(src),
                   "fingerprint": source_fingerprint(src, cfg.dtype)}
 
@@ -253,15 +283,19 @@ def _convert_locked(src: str, dst: str, torch_dtype: torch.dtype, parent: str) -
         # transformers drops the projection when T5's width already equals the decoder's: it is the identity.
         state["enc_to_dec_proj.weight"] = torch.eye(cfg.hidden_size)
         state["enc_to_dec_proj.bias"] = torch.zeros(cfg.hidden_size)
+    if cfg.prefix and cfg.num_chroma == cfg.hidden_size and "audio_enc_to_dec_proj.weight" not in state:
+        state["audio_enc_to_dec_proj.weight"] = torch.eye(cfg.hidden_size)  # likewise for the chroma
+        state["audio_enc_to_dec_proj.bias"] = torch.zeros(cfg.hidden_size)
     expected = expected_decoder_shapes(
-        cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size
+        cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size,
+        cfg.num_chroma if cfg.prefix else 0,
     )
     other_parts = ("text_encoder.", "audio_encoder.")
     check_keys(state, expected, f"{src} decoder weights",
                extra_ok=lambda k: k in IGNORED_KEYS or k.startswith(other_parts))
 
-    packed = pack_decoder(state, cfg.num_layers, cfg.num_codebooks)
-    packed = {k: v.to(torch.float32 if k.startswith("text_proj") else torch_dtype) for k, v in packed.items()}
+    packed = pack_decoder(state, cfg.num_layers, cfg.num_codebooks, prefix=cfg.prefix)
+    packed = {k: v.to(torch.float32 if k.startswith(FP32_KEYS) else torch_dtype) for k, v in packed.items()}
 
     remedy = "fix or download config.json again"
     tmp = tempfile.mkdtemp(prefix=".enginepy-convert-", dir=parent)

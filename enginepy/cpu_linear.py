@@ -155,8 +155,8 @@ def pack_for_cpu(decoder, kind: str, heads: bool = True, release: bool = True, i
 
     The layer matmuls are `layers.{i}.qkv|out|cross_q|cross_out|fc1|fc2`; with heads=True the heads [K, V, D]
     are packed too, as one [K*V, D] matrix under the name 'heads' (its output [..., K*V] unflattens to [K, V]).
-    release=True drops the decoder's own copies of the packed layer weights (the heads stay: `logits` reads
-    them), so the model is held once; the decoder then needs its linear_impl. Activations keep the decoder's
+    release=True drops the decoder's own copies of the packed weights (`logits` reads packed heads through
+    linear_impl too), so the model is held once; the decoder then needs its linear_impl. Activations keep the decoder's
     dtype (bf16 or fp32); the packing reads the weights as they are loaded (an fp32 load gives the most
     faithful int8 scales). x_passes: int8 activation passes (2: the weights' error only; 1: faster when
     compute-bound, ~1.5x the error).
@@ -182,7 +182,7 @@ def pack_for_cpu(decoder, kind: str, heads: bool = True, release: bool = True, i
         decoder.register_buffer(key, packed.packed, persistent=False)
         if packed.scale is not None:
             decoder.register_buffer(key + "__scale", packed.scale, persistent=False)
-        if release and name != "heads":
+        if release:
             delattr(decoder, name.replace(".", "__"))  # one by one: the peak is the model plus one matrix
     impl = PackedLinears(weights, isa, x_passes)
     decoder.linear_impl = impl

@@ -45,12 +45,14 @@ class StepReporter:
 def generate_tokens(engine: Engine, prompts: list[str | None], duration: float, params: SamplingParams, seed: int,
                     progress: bool = False, on_step: Callable[[int, int], None] | None = None,
                     prompt_codes: list[torch.Tensor | None] | None = None, frames: int | None = None,
-                    texts: list | None = None) -> torch.Tensor:
+                    texts: list | None = None, melodies: torch.Tensor | None = None,
+                    text_len: int | None = None) -> torch.Tensor:
     """prompts -> codes int64 [B, K, frames] (CPU). Prompt i runs as a request with seed + i; the engine must be
     idle (this loop owns it until every prompt is done). Raises the first request's error, if any.
 
     A None prompt is unconditional; prompt_codes[i] int64 [K, Tp] continues an audio prompt (the codes start
-    with it); frames overrides `duration` with an exact frame count; texts[i] is prompt i's T5 output, reused."""
+    with it); frames overrides `duration` with an exact frame count; texts[i] is prompt i's T5 output, reused;
+    melodies[i] chroma [Nc, 12] and text_len: MusicGen-Melody conditioning (see Engine.add_request)."""
     if engine.has_unfinished_requests():
         raise RuntimeError("generate_tokens needs an idle engine")
     n = len(prompts)
@@ -63,7 +65,8 @@ def generate_tokens(engine: Engine, prompts: list[str | None], duration: float, 
     try:
         for i, (rid, prompt) in enumerate(zip(ids, prompts)):
             engine.add_request(rid, prompt, duration=duration, seed=seed + i, prompt_codes=prompt_codes[i],
-                               frames=frames, text=texts[i], **settings)
+                               frames=frames, text=texts[i], text_len=text_len,
+                               melody=None if melodies is None else melodies[i], **settings)
         total = engine.requests[ids[0]].frames
         prefilled = min(0 if c is None else c.shape[-1] for c in prompt_codes)
         rounds = math.ceil(n / engine.max_batch)

@@ -18,7 +18,7 @@ from .convert import TOKENIZER_FILES, convert_hf, directory_lock, missing_model_
 from .errors import EnginepyError, InvalidParameter, ModelFileError
 from .hf import quiet_transformers
 from .model import MusicGenDecoder
-from .weights import check_keys, load_safetensors, packed_shapes, reading
+from .weights import FP32_KEYS, check_keys, load_safetensors, packed_shapes, reading
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
@@ -117,12 +117,13 @@ def load_decoder(directory: str, cfg: ModelConfig, dtype: torch.dtype, device: t
     if not os.path.isfile(path):
         raise ModelFileError(f"{directory}: {cfgmod.DECODER_WEIGHTS} is missing")
     weights = load_safetensors(path, REMEDY)
-    expected = packed_shapes(cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size, cfg.text_hidden_size)
+    expected = packed_shapes(cfg.num_layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_codebooks, cfg.vocab_size,
+                             cfg.text_hidden_size, cfg.num_chroma if cfg.prefix else 0)
     check_keys(weights, expected, path)
     not_float = sorted(k for k, v in weights.items() if not v.is_floating_point())
     if not_float:
         raise ModelFileError(f"{path}: tensors {', '.join(not_float)} are not floating point; {REMEDY}")
-    weights = {k: v.to(device=device, dtype=torch.float32 if k.startswith("text_proj") else dtype) for k, v in weights.items()}
+    weights = {k: v.to(device=device, dtype=torch.float32 if k.startswith(FP32_KEYS) else dtype) for k, v in weights.items()}
     return MusicGenDecoder(cfg, weights)
 
 

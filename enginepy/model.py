@@ -110,6 +110,21 @@ class MusicGenDecoder(torch.nn.Module):
         proj = F.linear(text_states.float(), self.w("text_proj.weight"), self.w("text_proj.bias"))
         return proj * text_mask[..., None].to(proj.dtype)
 
+    def project_prefix(self, chroma: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """MusicGen-Melody's conditioning prefix, as transformers builds it for generate:
+        chroma fp32 [B, Nc, num_chroma] -> audio_proj -> repeated to >= chroma_length frames and cut there; text as
+        project_text (zero where masked); -> fp32 [B, chroma_length + Tt, D] = [audio ; text]."""
+        audio = F.linear(chroma.float(), self.w("audio_proj.weight"), self.w("audio_proj.bias"))
+        n = self.cfg.chroma_length
+        if audio.shape[1] < n:
+            audio = audio.repeat(1, math.ceil(n / audio.shape[1]), 1)
+        return torch.cat([audio[:, :n], self.project_text(text_states, text_mask)], dim=1)
+
+    def embed_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Prefix states fp32 [B, P, D] -> decoder inputs [B, P, D] at positions 0 .. P-1, in the weight dtype."""
+        pos = sinusoid(torch.arange(prefix.shape[1], device=prefix.device), self.cfg.hidden_size)
+        return (prefix.float() + pos).to(self.dtype)
+
     def precompute_cross(self, cond: torch.Tensor, mask: torch.Tensor) -> CrossKV:
         """Cross-attention K/V of every layer from the conditioning [B, Tt, D], once per request."""
         cond = cond.to(self.dtype)
@@ -120,12 +135,17 @@ class MusicGenDecoder(torch.nn.Module):
             vs.append(self._heads(v))
         return CrossKV(torch.stack(ks), torch.stack(vs), mask.bool())
 
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x [..., in] @ W[name].T -> [..., out]. `linear_impl(x, name)` replaces F.linear when set (packed CPU
-        weights); every matmul of a decode step goes through here, whichever backend runs the attention."""
+    def linear(self, x: torch.Tensor, name: str, residual: torch.Tensor | None = None,
+               gelu: bool = False) -> torch.Tensor:
+        """x [..., in] @ W[name].T -> GELU if asked -> + residual [..., out]. `linear_impl(x, name, residual,
+        gelu)` replaces F.linear when set (packed CPU weights, the epilogue fused in fp32 with one rounding);
+        every matmul of a decode step goes through here, whichever backend runs the attention."""
         if self.linear_impl is not None:
-            return self.linear_impl(x, name)
-        return F.linear(x, self.w(name))
+            return self.linear_impl(x, name, residual=residual, gelu=gelu)
+        y = F.linear(x, self.w(name))
+        if gelu:
+            y = F.gelu(y)
+        return y if residual is None else residual + y
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens int64 [R, K, S] at positions int64 [R, S] -> x [R, S, D] in the weight dtype.
@@ -144,36 +164,52 @@ class MusicGenDecoder(torch.nn.Module):
         """One decoder layer on x [..., D]; the attention is injected so every backend shares this math.
 
         self_attn(i, q, k, v) gets this step's projections [..., D] each (it caches k, v) and returns [..., D];
-        cross_attn(i, q) returns [..., D].
+        cross_attn(i, q) returns [..., D], or is None for prefix-conditioned models (no cross-attention).
         """
         p = f"layers.{i}."
         q, k, v = self.linear(self._ln(x, p + "ln1"), p + "qkv").chunk(3, dim=-1)
-        x = x + self.linear(self_attn(i, q, k, v), p + "out")
-        q = self.linear(self._ln(x, p + "ln_cross"), p + "cross_q")
-        x = x + self.linear(cross_attn(i, q), p + "cross_out")
-        h = F.gelu(self.linear(self._ln(x, p + "ln2"), p + "fc1"))
-        return x + self.linear(h, p + "fc2")
+        x = self.linear(self_attn(i, q, k, v), p + "out", residual=x)
+        if cross_attn is not None:  # None: a prefix-conditioned model (MusicGen-Melody) has no cross-attention
+            q = self.linear(self._ln(x, p + "ln_cross"), p + "cross_q")
+            x = self.linear(cross_attn(i, q), p + "cross_out", residual=x)
+        h = self.linear(self._ln(x, p + "ln2"), p + "fc1", gelu=True)
+        return self.linear(h, p + "fc2", residual=x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> logits [..., K, V] in the weight dtype (final LayerNorm, then one head per codebook)."""
-        return torch.einsum("...d,kvd->...kv", self._ln(x, "ln_out"), self.w("heads"))
+        """x [..., D] -> logits [..., K, V] in the weight dtype (final LayerNorm, then one head per codebook).
+        With packed CPU weights holding 'heads' ([K*V, D]), the heads are one matmul through linear_impl."""
+        h = self._ln(x, "ln_out")
+        if self.linear_impl is not None and "heads" in self.linear_impl.weights:
+            return self.linear_impl(h, "heads").unflatten(-1, (self.cfg.num_codebooks, self.cfg.vocab_size))
+        return torch.einsum("...d,kvd->...kv", h, self.w("heads"))
 
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV) -> torch.Tensor:
-        """Run S steps of every row at positions start .. start+S-1, writing their K/V into the cache (teacher
-        forcing and prefill). tokens int64 [B, K, S] -> logits [B, K, S, V] in the weight dtype.
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Run S steps of every row at positions start .. start+S-1 (after the prefix, if one is given: see
+        prefill), writing their K/V into the cache (teacher forcing and prefill).
+        tokens int64 [B, K, S] -> logits [B, K, S, V] in the weight dtype.
         """
-        return self.logits(self.prefill(tokens, start, cache, cross)).permute(0, 2, 1, 3)
+        return self.logits(self.prefill(tokens, start, cache, cross, prefix)).permute(0, 2, 1, 3)
 
-    def prefill(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` without the heads: tokens int64 [B, K, S] -> hidden states [B, S, D] (before the final
-        LayerNorm); the K/V of positions start .. start+S-1 are written into the cache."""
+        LayerNorm); the K/V of positions start .. start+S-1 are written into the cache.
+
+        prefix (MusicGen-Melody, start 0): embedded prefix [B, P, D] (embed_prefix) run before the tokens in the same
+        forward, at positions 0 .. P-1, the tokens at P .. P+S-1; returns the tokens' states only. cross is None then.
+        """
         b, _, s = tokens.shape
-        end = start + s
+        p = 0 if prefix is None else prefix.shape[1]
+        end = start + p + s
         if end > cache.max_len:
             raise ValueError(f"position {end - 1} is beyond the KV cache ({cache.max_len} positions)")
         positions = torch.arange(start, end, device=tokens.device)
-        x = self.embed(tokens, positions.expand(b, s))
-        causal = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]  # [S, end]
+        if prefix is None:
+            x = self.embed(tokens, positions.expand(b, s))
+        else:
+            x = torch.cat([prefix, self.embed(tokens, positions[p:].expand(b, s))], dim=1) if s else prefix
+        causal = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]  # [P + S, end]
 
         def self_attn(i, q, k, v):
             cache.k[i, :, :, start:end] = self._heads(k)
@@ -184,5 +220,5 @@ class MusicGenDecoder(torch.nn.Module):
             return self._merge(attention(self._heads(q), cross.k[i], cross.v[i], cross.mask[:, None, None, :]))
 
         for i in range(self.cfg.num_layers):
-            x = self.layer(i, x, self_attn, cross_attn)
-        return x
+            x = self.layer(i, x, self_attn, None if cross is None else cross_attn)
+        return x[:, p:]

@@ -18,6 +18,11 @@ RELEASED_SHAPES = {
     "large": (2048, 48, 32),
 }
 
+# MusicgenMelodyFeatureExtractor's defaults (those of the released musicgen-melody checkpoints).
+MELODY_FEATURES = dict(feature_size=12, sampling_rate=32000, hop_length=4096, chunk_length=30, n_fft=16384,
+                       num_chroma=12, padding_value=0.0, return_attention_mask=False, stem_indices=[3, 2],
+                       padding_side="right")
+
 _WORDS = (
     "a an the and with of in on for lo-fi beat warm piano drums bass guitar synth strings ambient jazz rock pop "
     "electronic calm upbeat happy sad dark bright slow fast techno house hip hop orchestral violin cello flute "
@@ -48,6 +53,8 @@ class RandomModelSpec:
     codec_lstm_layers: int = 1
     max_position_embeddings: int = 2048
     seed: int = 0
+    melody: bool = False  # MusicgenMelodyForConditionalGeneration: chroma + text as a prefix, no cross-attention
+    chroma_length: int = 235  # prefix frames of projected chroma (the released checkpoints': 30 s of melody)
 
 
 def released_spec(size: str, seed: int = 0) -> RandomModelSpec:
@@ -80,13 +87,18 @@ def _build_tokenizer(path: str) -> None:
 
 
 def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **overrides) -> str:
-    """Write a random `MusicgenForConditionalGeneration` (config.json, model.safetensors, tokenizer) to `path`."""
+    """Write a random `MusicgenForConditionalGeneration` (or, with melody=True,
+    `MusicgenMelodyForConditionalGeneration` and its feature extractor's preprocessor_config.json) with its
+    config.json, model.safetensors and tokenizer to `path`."""
     import torch
     from transformers import (
         EncodecConfig,
         MusicgenConfig,
         MusicgenDecoderConfig,
         MusicgenForConditionalGeneration,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyForConditionalGeneration,
         T5Config,
     )
 
@@ -131,7 +143,7 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
         num_lstm_layers=spec.codec_lstm_layers,
         normalize=False,
     )
-    decoder = MusicgenDecoderConfig(
+    decoder = (MusicgenMelodyDecoderConfig if spec.melody else MusicgenDecoderConfig)(
         vocab_size=spec.codebook_size,
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
@@ -145,9 +157,15 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
     )
     # The special token lies outside the vocabulary by design; transformers' warning about it is noise.
     with quiet_transformers():
-        config = MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
+        if spec.melody:
+            config = MusicgenMelodyConfig(text_encoder=text, audio_encoder=codec, decoder=decoder,
+                                          chroma_length=spec.chroma_length)
+            model_class = MusicgenMelodyForConditionalGeneration
+        else:
+            config = MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
+            model_class = MusicgenForConditionalGeneration
         torch.manual_seed(spec.seed)
-        model = MusicgenForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
         with torch.no_grad():
             # The default init (std 0.02) gives near-uniform logits and text that barely matters. Unit-gain weights
             # make greedy choices clear-cut and the prompt change the music, so parity tests compare real content.
@@ -158,10 +176,18 @@ def build_random_hf_model(path: str, spec: RandomModelSpec | None = None, **over
                 emb.weight.normal_(0.0, 1.0)
             if hasattr(model, "enc_to_dec_proj"):  # absent when T5 is as wide as the decoder
                 model.enc_to_dec_proj.weight.normal_(0.0, 1.0 / math.sqrt(spec.text_hidden_size))
+            if hasattr(model, "audio_enc_to_dec_proj"):  # one-hot chroma: unit-gain rows make melodies differ
+                model.audio_enc_to_dec_proj.weight.normal_(0.0, 1.0)
             # EnCodec codebooks start as zeros (filled by k-means in training): random ones make audio depend on codes.
             for layer in model.audio_encoder.quantizer.layers:
                 layer.codebook.embed.normal_(0.0, 1.0)
                 layer.codebook.inited.fill_(1)
         model.generation_config.update(decoder_start_token_id=spec.codebook_size, do_sample=False)
         model.save_pretrained(path)
+    if spec.melody:
+        # The chroma's parameters, whatever the codec's rate: MusicgenMelodyFeatureExtractor's defaults, written as
+        # its save_pretrained does (the class itself needs torchaudio, which does not import with this torch).
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(dict(MELODY_FEATURES, feature_extractor_type="MusicgenMelodyFeatureExtractor",
+                           processor_class="MusicgenMelodyProcessor"), f, indent=2)
     return path

@@ -15,6 +15,8 @@ Packed decoder layout (decoder.safetensors), L layers, K codebooks, D hidden, F 
   ln_out.{weight,bias}
   heads                     [K, V, D]       stacked per-codebook output heads
   text_proj.{weight,bias}   [D, Dt], [D]    T5 width -> D (kept in fp32: it sees fp32 T5 states)
+MusicGen-Melody (prefix conditioning) has no cross-attention (no ln_cross, cross_q, cross_kv, cross_out) and
+  audio_proj.{weight,bias}  [D, 12], [D]    chroma bins -> D (fp32)
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from .config import read_json_object
 from .errors import EnginepyError, ModelFileError
 
 HF_DECODER = "decoder.model.decoder."
+# The conditioning projections stay fp32 whatever the decoder's dtype: they see fp32 T5 states and chroma.
+FP32_KEYS = ("text_proj", "audio_proj")
 # Present in some checkpoints, recomputed by every implementation: safe to drop.
 IGNORED_KEYS = ("decoder.model.decoder.embed_positions.weights",)
 
@@ -89,19 +93,23 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 
 
 def expected_decoder_shapes(
-    num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int
+    num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int, num_chroma: int = 0
 ) -> dict[str, tuple[int, ...]]:
-    """Every decoder-side key of a Hugging Face MusicGen checkpoint and its shape."""
+    """Every decoder-side key of a Hugging Face MusicGen checkpoint and its shape (num_chroma > 0: a MusicGen-Melody
+    checkpoint, no cross-attention, audio_enc_to_dec_proj)."""
+    attentions = ("self_attn",) if num_chroma else ("self_attn", "encoder_attn")
+    norms = ("self_attn_layer_norm", "final_layer_norm") if num_chroma else \
+        ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(num_codebooks):
         shapes[f"{HF_DECODER}embed_tokens.{k}.weight"] = (vocab + 1, hidden)
         shapes[f"decoder.lm_heads.{k}.weight"] = (vocab, hidden)
     for i in range(num_layers):
         p = f"{HF_DECODER}layers.{i}."
-        for attn in ("self_attn", "encoder_attn"):
+        for attn in attentions:
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 shapes[f"{p}{attn}.{proj}.weight"] = (hidden, hidden)
-        for norm in ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"):
+        for norm in norms:
             shapes[f"{p}{norm}.weight"] = (hidden,)
             shapes[f"{p}{norm}.bias"] = (hidden,)
         shapes[f"{p}fc1.weight"] = (ffn, hidden)
@@ -110,6 +118,9 @@ def expected_decoder_shapes(
     shapes[f"{HF_DECODER}layer_norm.bias"] = (hidden,)
     shapes["enc_to_dec_proj.weight"] = (hidden, text_hidden)
     shapes["enc_to_dec_proj.bias"] = (hidden,)
+    if num_chroma:
+        shapes["audio_enc_to_dec_proj.weight"] = (hidden, num_chroma)
+        shapes["audio_enc_to_dec_proj.bias"] = (hidden,)
     return shapes
 
 
@@ -141,8 +152,10 @@ def check_keys(
         raise ModelFileError(f"{what}: " + " | ".join(problems))
 
 
-def pack_decoder(state: dict[str, torch.Tensor], num_layers: int, num_codebooks: int) -> dict[str, torch.Tensor]:
-    """Hugging Face decoder keys -> the packed layout in this module's docstring (all fp32 or source dtype)."""
+def pack_decoder(state: dict[str, torch.Tensor], num_layers: int, num_codebooks: int,
+                 prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Hugging Face decoder keys -> the packed layout in this module's docstring (all fp32 or source dtype);
+    prefix=True for MusicGen-Melody."""
     d = HF_DECODER
     packed = {
         "emb": torch.stack([state[f"{d}embed_tokens.{k}.weight"] for k in range(num_codebooks)]),
@@ -152,15 +165,21 @@ def pack_decoder(state: dict[str, torch.Tensor], num_layers: int, num_codebooks:
         "text_proj.weight": state["enc_to_dec_proj.weight"],
         "text_proj.bias": state["enc_to_dec_proj.bias"],
     }
+    if prefix:
+        packed["audio_proj.weight"] = state["audio_enc_to_dec_proj.weight"]
+        packed["audio_proj.bias"] = state["audio_enc_to_dec_proj.bias"]
     for i in range(num_layers):
         p, q = f"{d}layers.{i}.", f"layers.{i}."
         sa, ca = p + "self_attn.", p + "encoder_attn."
         packed[q + "qkv"] = torch.cat([state[sa + f"{x}_proj.weight"] for x in "qkv"])
         packed[q + "out"] = state[sa + "out_proj.weight"]
-        packed[q + "cross_q"] = state[ca + "q_proj.weight"]
-        packed[q + "cross_kv"] = torch.cat([state[ca + f"{x}_proj.weight"] for x in "kv"])
-        packed[q + "cross_out"] = state[ca + "out_proj.weight"]
-        for src, dst in (("self_attn_layer_norm", "ln1"), ("encoder_attn_layer_norm", "ln_cross"), ("final_layer_norm", "ln2")):
+        norms = [("self_attn_layer_norm", "ln1"), ("final_layer_norm", "ln2")]
+        if not prefix:
+            packed[q + "cross_q"] = state[ca + "q_proj.weight"]
+            packed[q + "cross_kv"] = torch.cat([state[ca + f"{x}_proj.weight"] for x in "kv"])
+            packed[q + "cross_out"] = state[ca + "out_proj.weight"]
+            norms.append(("encoder_attn_layer_norm", "ln_cross"))
+        for src, dst in norms:
             packed[q + dst + ".weight"] = state[p + src + ".weight"]
             packed[q + dst + ".bias"] = state[p + src + ".bias"]
         packed[q + "fc1"] = state[p + "fc1.weight"]
@@ -168,8 +187,10 @@ def pack_decoder(state: dict[str, torch.Tensor], num_layers: int, num_codebooks:
     return {k: v.contiguous() for k, v in packed.items()}
 
 
-def packed_shapes(num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int):
-    """Every key of decoder.safetensors and its shape (used to validate a converted directory)."""
+def packed_shapes(num_layers: int, hidden: int, ffn: int, num_codebooks: int, vocab: int, text_hidden: int,
+                  num_chroma: int = 0):
+    """Every key of decoder.safetensors and its shape (used to validate a converted directory); num_chroma > 0
+    for MusicGen-Melody."""
     shapes = {
         "emb": (num_codebooks, vocab + 1, hidden),
         "heads": (num_codebooks, vocab, hidden),
@@ -178,14 +199,17 @@ def packed_shapes(num_layers: int, hidden: int, ffn: int, num_codebooks: int, vo
         "text_proj.weight": (hidden, text_hidden),
         "text_proj.bias": (hidden,),
     }
+    if num_chroma:
+        shapes["audio_proj.weight"] = (hidden, num_chroma)
+        shapes["audio_proj.bias"] = (hidden,)
     for i in range(num_layers):
         q = f"layers.{i}."
-        shapes.update({
-            q + "qkv": (3 * hidden, hidden), q + "out": (hidden, hidden),
-            q + "cross_q": (hidden, hidden), q + "cross_kv": (2 * hidden, hidden), q + "cross_out": (hidden, hidden),
-            q + "fc1": (ffn, hidden), q + "fc2": (hidden, ffn),
-        })
-        for n in ("ln1", "ln_cross", "ln2"):
+        shapes.update({q + "qkv": (3 * hidden, hidden), q + "out": (hidden, hidden),
+                       q + "fc1": (ffn, hidden), q + "fc2": (hidden, ffn)})
+        if not num_chroma:
+            shapes.update({q + "cross_q": (hidden, hidden), q + "cross_kv": (2 * hidden, hidden),
+                           q + "cross_out": (hidden, hidden)})
+        for n in ("ln1", "ln2") if num_chroma else ("ln1", "ln_cross", "ln2"):
             shapes[q + n + ".weight"] = (hidden,)
             shapes[q + n + ".bias"] = (hidden,)
     return shapes

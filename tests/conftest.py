@@ -34,6 +34,11 @@ SPECS = {
     "stereo": RandomModelSpec(hidden_size=24, num_heads=2, num_layers=2, num_codebooks=4, audio_channels=2, seed=4),
     # Wide enough (D = 256, V = 256) for the order and precision of sums to show in bf16 errors.
     "wide": RandomModelSpec(hidden_size=256, num_heads=4, num_layers=2, num_codebooks=4, codebook_size=256, seed=6),
+    # MusicGen-Melody: [chroma ; text] prefix, no cross-attention (the released chroma_length, and a short one
+    # that keeps the fast backend's interpreted steps quick).
+    "melody": RandomModelSpec(melody=True, seed=7),
+    "melody-stereo": RandomModelSpec(melody=True, audio_channels=2, hidden_size=32, num_heads=4, seed=8),
+    "melody-short": RandomModelSpec(melody=True, chroma_length=12, seed=9),
 }
 
 

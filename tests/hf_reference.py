@@ -8,12 +8,20 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def load_hf(path: str):
-    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+    """(model, tokenizer): MusicgenForConditionalGeneration, or MusicgenMelodyForConditionalGeneration for a
+    musicgen_melody directory."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
 
     from enginepy.hf import quiet_transformers
 
+    with open(os.path.join(path, "config.json")) as f:
+        melody = json.load(f)["model_type"] == "musicgen_melody"
+    cls = MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration
     with quiet_transformers():
-        model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

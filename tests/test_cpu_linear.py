@@ -402,6 +402,7 @@ def decoder_logits(decoder_dir, tmp_path_factory):
     out["op-int8-1pass"] = teacher_forced_logits(int8)
     out["impl"] = impl
     out["decoder"] = op_bf16
+    out["plain-bf16"] = bf16
     return out
 
 
@@ -431,13 +432,18 @@ def test_pack_for_cpu_wires_the_decoder(decoder_logits):
     names = {f"layers.{i}.{n}" for i in range(decoder.cfg.num_layers)
              for n in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")}
     assert set(impl.weights) == names | {"heads"}
-    with pytest.raises(AttributeError):
-        decoder.w("layers.0.fc1")  # released: the model is held once
-    # heads as one [K*V, D] matrix: its output unflattens to the decoder's own logits
+    for name in ("layers.0.fc1", "heads"):
+        with pytest.raises(AttributeError):
+            decoder.w(name)  # released: the model is held once
+    # heads as one [K*V, D] matrix: logits() goes through it and unflattens to [.., K, V] (the plain decoder's
+    # final LayerNorm and heads, in fp64, are the reference)
+    plain = decoder_logits["plain-bf16"]
     x = rand(3, decoder.cfg.hidden_size, seed=5, dtype=torch.bfloat16)
-    heads = decoder.w("heads")
-    ref = torch.einsum("md,kvd->mkv", x.double(), heads.double())
-    torch.testing.assert_close(impl(x, "heads").view(3, *heads.shape[:2]).double(), ref, rtol=2e-2, atol=2e-2)
+    heads = plain.w("heads")
+    ref = torch.einsum("md,kvd->mkv", plain._ln(x, "ln_out").double(), heads.double())
+    got = decoder.logits(x)
+    assert got.shape == (3, *heads.shape[:2]) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
     assert impl.nbytes > 0
 
 

@@ -110,7 +110,7 @@ def test_other_commands_check_their_outputs_first(places, capsys, argv, message)
         (["--backend", "warp"], "--backend must be one of reference, fast; got 'warp'"),
         (["--device", "gpu"], "device must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
         (["--device", "cpu:5"], "device 'cpu:5': the CPU is one device (its cores are used by threads); use 'cpu'"),
-        (["--dtype", "int4"], "--dtype must be one of float32, float16, bfloat16; got 'int4'"),
+        (["--dtype", "int4"], "--dtype must be one of float32, float16, bfloat16, int8; got 'int4'"),
         (["--max-text-len", "600"], "--max-text-len must be an integer in [1, 512]; got 600"),
         (["--model", NO_MODEL], f"model directory {NO_MODEL} does not exist"),
         (["--top-k", "1e3"], None),  # argparse: one line too
@@ -130,7 +130,7 @@ def test_help_describes_the_defaults_truthfully():
     r = subprocess.run([sys.executable, "-m", "enginepy", "generate", "--help"], capture_output=True, text=True)
     text = " ".join(r.stdout.split())
     assert "float32 on CPU" not in text
-    assert "--dtype DTYPE decoder dtype: float32 | float16 | bfloat16 (default: the engine's default for the device)" in text
+    assert "--dtype DTYPE decoder dtype: float32 | float16 | bfloat16 | int8 (int8: CPU reference backend only; default: the engine's default for the device)" in text
     assert "--backend BACKEND reference | fast (default: the engine's default for the device)" in text
 
 

@@ -374,7 +374,7 @@ def test_sigkill_mid_run_then_rerun_renders_exactly_the_missing_jobs(model_dir, 
         (["--cfg-coef", "-1"], "cfg_coef must be >= 0; got -1.0"),
         (["--seed", "-3"], "seed must be None or an integer in [0, 2**63 - 1]; got -3"),
         (["--backend", "warp"], "--backend must be one of reference, fast; got 'warp'"),
-        (["--dtype", "fp8"], "--dtype must be one of float32, float16, bfloat16; got 'fp8'"),
+        (["--dtype", "fp8"], "--dtype must be one of float32, float16, bfloat16, int8; got 'fp8'"),
         (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
         (["--device", "cuda:1", "--ray"], "--device with --ray must be 'cpu' or 'cuda' (Ray gives each actor its "
                                           "GPU); got 'cuda:1'"),

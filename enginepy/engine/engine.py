@@ -21,8 +21,9 @@ import itertools
 import torch
 
 from ..errors import InvalidParameter, non_finite_logits_message
-from .request import (EngineFull, NonFiniteLogits, Request, RequestOutput, RequestState, check_prompt_codes,
-                      check_request_id, draw_seed, make_params, prompt_frames, request_frames)
+from .request import (EngineFull, NonFiniteLogits, Request, RequestOutput, RequestState, check_melody,
+                      check_prompt_codes, check_request_id, check_text_len, draw_seed, make_params, prompt_frames,
+                      request_frames)
 
 
 class Engine:
@@ -50,14 +51,18 @@ class Engine:
                     use_sampling: bool = True, top_k: int | None = None, top_p: float = 0.0,
                     temperature: float = 1.0, cfg_coef: float = 3.0, cfg_coef_beta: float | None = None,
                     two_step_cfg: bool = False, prompt_codes: torch.Tensor | None = None,
-                    frames: int | None = None, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Request:
+                    frames: int | None = None, text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    melody: torch.Tensor | None = None, text_len: int | None = None) -> Request:
         """Queue one prompt (validated exactly as `set_generation_params`); seed None draws a random one, which
         the returned Request (and every RequestOutput) carries. A duplicate request_id is refused.
 
         prompt None generates unconditionally (guidance is then moot: both halves would be the null condition,
         so the null rows are skipped). prompt_codes int [K, Tp]: continue this audio prompt; the output codes
         start with it and it counts toward the duration. frames: an exact frame count instead of `duration`
-        (long-form windows). text: precomputed T5 output of `prompt` (see Request)."""
+        (long-form windows). text: precomputed T5 output of `prompt` (see Request).
+        MusicGen-Melody models only: melody, one-hot chroma float [Nc, 12] (enginepy.chroma.chroma_features of
+        the melody; None: no melody); text_len, pad the text part of the prefix to this many positions (see
+        Request). Without a prompt, a melody keeps guidance (its null rows drop the melody too)."""
         check_request_id(request_id)
         if request_id in self.requests:
             raise InvalidParameter(f"request_id {request_id!r} is already in the engine")
@@ -72,14 +77,19 @@ class Engine:
             raise InvalidParameter(f"frames must be an integer in [1, {int(self.max_duration * self.cfg.frame_rate)}]; "
                                    f"got {frames!r}")
         prompt_codes = check_prompt_codes(prompt_codes, self.cfg.num_codebooks, self.cfg.vocab_size, frames)
+        melody = check_melody(melody, self.cfg)
+        text_len = check_text_len(text_len, self.cfg, getattr(self.runner.conditioner, "max_tokens", None))
         params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed,
                              cfg_coef_beta, two_step_cfg)
-        if prompt is None:
+        if params.two_step_cfg and self.cfg.prefix:
+            raise InvalidParameter("two_step_cfg is not supported with MusicGen-Melody models yet (their null rows "
+                                   "would have a prefix of another length); use the one-step default")
+        if prompt is None and melody is None:
             params = dataclasses.replace(params, cfg_coef=1.0, cfg_coef_beta=None)
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
             raise EngineFull(f"the engine's waiting queue is full ({self.max_waiting} requests); retry later")
         req = Request(request_id, prompt, frames, draw_seed() if seed is None else int(seed), params,
-                      next(self._arrivals), prompt_codes=prompt_codes, text=text)
+                      next(self._arrivals), prompt_codes=prompt_codes, text=text, melody=melody, text_len=text_len)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req

@@ -30,7 +30,7 @@ from ..errors import InvalidParameter
 from ..model import KVCache, MusicGenDecoder
 from ..rng import uniforms
 from .reference import double_cfg_mix
-from .request import Request, prompt_frames, request_text
+from .request import Request, prefix_rows, prompt_frames, request_rows, request_text
 
 BLOCK_SIZE = 16
 
@@ -64,11 +64,15 @@ class FastRunner:
             )
         self.decoder, self.conditioner, self.cfg, self.device = decoder, conditioner, cfg, device
         self.max_slots, self.max_frames, self.max_text_len = max_slots, max_frames, max_text_len
-        s, r, k = max_slots, 2 * max_slots, cfg.num_codebooks
+        # Prefix models (MusicGen-Melody) have up to 3 rows per request (double CFG) and their self-attention
+        # sequence starts with the prefix; they have no cross-attention (the text pool stays empty).
+        rows_per_slot = 3 if cfg.prefix else 2
+        s, r, k = max_slots, rows_per_slot * max_slots, cfg.num_codebooks
         self.max_rows = r
-        self.max_steps = max_frames + cfg.max_delay
+        self.max_prefix = cfg.chroma_length + max_text_len if cfg.prefix else 0
+        self.max_steps = self.max_prefix + max_frames + cfg.max_delay
         blocks_per_row = PagedKVCache.blocks_for(self.max_steps, block_size)
-        text_per_row = PagedKVCache.blocks_for(max_text_len, block_size)
+        text_per_row = 0 if cfg.prefix else PagedKVCache.blocks_for(max_text_len, block_size)
         self.cache = PagedKVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim,
                                   1 + (kv_blocks if kv_blocks is not None else r * blocks_per_row),
                                   block_size, r, self.max_steps, decoder.dtype, device)
@@ -91,6 +95,7 @@ class FastRunner:
         self.codes = torch.full((s, k, max_frames), cfg.special_token, **i64)
         self.cond_rows = torch.zeros(s, **i64)
         self.null_rows = torch.full((s,), -1, **i64)
+        self.wav_rows = torch.zeros(s, **i64)  # double CFG's text-dropped row (the null row for text models)
         self.cfg_coef = torch.ones(s, **f32)
         self.mix_temperature = torch.ones(s, **f32)
         self.cfg_beta = torch.ones(s, **f32)
@@ -107,6 +112,7 @@ class FastRunner:
         self.row_blocks: dict[int, list[int]] = {}
         self.text_row_blocks: dict[int, list[int]] = {}
         self.slot_step: dict[int, int] = {}
+        self.row_pos: dict[int, int] = {}  # per running row: the position its next step writes
         self.reserved = 0  # blocks promised to running rows but not yet handed out
         self.row_reserve: dict[int, int] = {}
         self.buckets = row_buckets(r)
@@ -121,9 +127,23 @@ class FastRunner:
         """Self-attention blocks neither in use nor promised to a running request."""
         return self.cache.allocator.num_free - self.reserved
 
+    def _prefix_len(self, request: Request) -> int:
+        """Positions of a prefix model's prefix: chroma_length + the text part (its tokens, or text_len); 0 for
+        text models."""
+        if not self.cfg.prefix:
+            return 0
+        if request.text is not None:
+            tokens = request.text[1].shape[1]
+        elif request.prompt is None:
+            tokens = 1
+        else:
+            tokens = self.conditioner.check_lengths([request.prompt], ["prompt"])[0]
+        return self.cfg.chroma_length + max(tokens, request.text_len or 0)
+
     def _blocks_needed(self, request: Request) -> tuple[int, int]:
-        rows = 2 if request.params.use_cfg else 1
-        return rows, rows * PagedKVCache.blocks_for(request.frames + self.cfg.max_delay, self.cache.block_size)
+        rows = request_rows(self.cfg, request.params)
+        positions = self._prefix_len(request) + request.frames + self.cfg.max_delay
+        return rows, rows * PagedKVCache.blocks_for(positions, self.cache.block_size)
 
     def can_admit(self, request: Request) -> bool:
         rows, blocks = self._blocks_needed(request)
@@ -137,38 +157,48 @@ class FastRunner:
             raise InvalidParameter(f"{request.frames} frames exceed the fast backend's cache of {self.max_frames} "
                                    "frames; raise max_duration in from_pretrained")
         states, mask = request_text(self.conditioner, request, cfg.text_hidden_size)
+        states, mask = states.to(self.device), mask.to(self.device)
         # Only the attended text positions are paged in: the unconditional zero vector (mask False) has none.
         t = int(mask[0].sum())
-        if t > self.max_text_len:
-            raise InvalidParameter(f"the prompt has {t} text tokens but the fast backend allows {self.max_text_len}; "
-                                   "raise max_text_len in from_pretrained or shorten the prompt")
-        mask = mask.to(self.device)
-        cond = dec.project_text(states.to(self.device), mask)
-        cross = dec.precompute_cross(cond, mask)  # k, v [L, 1, H, Tt, Dh]
+        if t > self.max_text_len or mask.shape[1] > self.max_text_len:
+            raise InvalidParameter(f"the prompt has {max(t, mask.shape[1])} text tokens but the fast backend allows "
+                                   f"{self.max_text_len}; raise max_text_len in from_pretrained or shorten the prompt")
         rows_needed, blocks = self._blocks_needed(request)
         rows = [self.free_rows.pop() for _ in range(rows_needed)]
         self.slot_rows[slot] = rows
         self.reserved += blocks
         per_row = blocks // rows_needed
         cond_row = rows[0]
-        text_blocks = self.text.allocator.allocate(PagedKVCache.blocks_for(t, self.text.block_size))
-        self.text_row_blocks[cond_row] = text_blocks
-        self.text.block_tables[cond_row, : len(text_blocks)] = torch.tensor(text_blocks, dtype=torch.int32)
-        zero = torch.zeros(1, dtype=torch.int64, device=self.device)
-        for i in range(cfg.num_layers):
-            ops.kv_write(cross.k[i, :, :, :t].transpose(1, 2), cross.v[i, :, :, :t].transpose(1, 2), self.text.k[i],
-                         self.text.v[i], self.text.block_tables[cond_row : cond_row + 1], zero)
+        prefix, cross = None, None
+        if cfg.prefix:
+            prefix = dec.embed_prefix(prefix_rows(dec, request, states, mask))  # [rows, P, D]
+            t = 0
+        else:
+            cond = dec.project_text(states, mask)
+            cross = dec.precompute_cross(cond, mask)  # k, v [L, 1, H, Tt, Dh]
+            text_blocks = self.text.allocator.allocate(PagedKVCache.blocks_for(t, self.text.block_size))
+            self.text_row_blocks[cond_row] = text_blocks
+            self.text.block_tables[cond_row, : len(text_blocks)] = torch.tensor(text_blocks, dtype=torch.int32)
+            zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+            for i in range(cfg.num_layers):
+                ops.kv_write(cross.k[i, :, :, :t].transpose(1, 2), cross.v[i, :, :, :t].transpose(1, 2),
+                             self.text.k[i], self.text.v[i], self.text.block_tables[cond_row : cond_row + 1], zero)
+            if rows_needed > 1 and prompt_frames(request):  # for the prefill; the null row attends nothing
+                cross = dec.precompute_cross(torch.cat([cond, torch.zeros_like(cond)]),
+                                             torch.cat([mask, torch.zeros_like(mask)]))
+        offset = 0 if prefix is None else prefix.shape[1]
         tp = prompt_frames(request)
         for j, row in enumerate(rows):
             self.row_blocks[row] = []
             self.row_reserve[row] = per_row
-            self.positions[row] = tp
-            self.seq_lens[row] = tp + 1  # the step being computed is cached before it is attended
+            self.row_pos[row] = offset + tp
+            self.positions[row] = offset + tp
+            self.seq_lens[row] = offset + tp + 1  # the step being computed is cached before it is attended
             self.text_lens[row] = t if j == 0 else 0
             self.row_slot[row] = slot
         self.codes[slot].fill_(cfg.special_token)
-        if tp:
-            self._prefill(rows, request, cond, mask)
+        if tp or prefix is not None:
+            self._prefill(rows, request, cross, prefix)
         self.slot_step[slot] = tp
         p = request.params
         self.step_t[slot] = tp
@@ -176,7 +206,8 @@ class FastRunner:
         self.prompt_lengths[slot] = tp
         self.seeds[slot] = request.seed
         self.cond_rows[slot] = cond_row
-        self.null_rows[slot] = rows[1] if len(rows) > 1 else -1
+        self.null_rows[slot] = rows[-1] if len(rows) > 1 else -1
+        self.wav_rows[slot] = rows[1] if len(rows) == 3 else rows[-1]
         self.cfg_coef[slot] = p.cfg_coef
         self.mix_temperature[slot] = 1.0 if p.greedy else p.temperature
         self.double_cfg[slot] = p.cfg_coef_beta is not None
@@ -189,23 +220,23 @@ class FastRunner:
                             torch.full((k,), p.top_p, dtype=torch.float32, device=self.device), cfg.vocab_size,
                             out={name: value[slot * k : (slot + 1) * k] for name, value in self.sampler.items()})
 
-    def _prefill(self, rows: list[int], request: Request, cond: torch.Tensor, mask: torch.Tensor) -> None:
-        """Decode steps 0 .. Tp-1 of an audio continuation predict prompt frames only: compute their K/V in one
-        forward over pattern columns 0 .. Tp-1 (the reference decoder's math, into a temporary static cache) and
-        page them into the rows' first blocks; decoding resumes at step Tp."""
+    def _prefill(self, rows: list[int], request: Request, cross, prefix: torch.Tensor | None) -> None:
+        """The positions before decoding starts, in one forward (the reference decoder's math, into a temporary
+        static cache), paged into the rows' first blocks: a prefix model's prefix [rows, P, D], then, for an audio
+        continuation, pattern columns 0 .. Tp-1 (decode steps 0 .. Tp-1 predict prompt frames only); decoding
+        resumes at step Tp. cross: the rows' cross-attention K/V (text models)."""
         cfg, dec, bs = self.cfg, self.decoder, self.cache.block_size
         slot = int(self.row_slot[rows[0]])
-        tp = request.prompt_codes.shape[1]
-        self.codes[slot, :, :tp] = request.prompt_codes.to(self.device)
+        tp = prompt_frames(request)
+        if tp:
+            self.codes[slot, :, :tp] = request.prompt_codes.to(self.device)
         columns = pattern.delay_scatter(self.codes[slot : slot + 1, :, :tp], self.delays, cfg.special_token)[:, :, :tp]
         n = len(rows)
-        if n > 1:  # the null row: zero conditioning, nothing attended
-            cond = torch.cat([cond, torch.zeros_like(cond)])
-            mask = torch.cat([mask, torch.zeros_like(mask)])
-        cache = KVCache.allocate(cfg, n, tp, dec.dtype, self.device)
-        dec.prefill(columns.expand(n, -1, -1), 0, cache, dec.precompute_cross(cond, mask))
+        length = tp + (0 if prefix is None else prefix.shape[1])
+        cache = KVCache.allocate(cfg, n, length, dec.dtype, self.device)
+        dec.prefill(columns.expand(n, -1, -1), 0, cache, cross, prefix)
         for row in rows:
-            for index in range(PagedKVCache.blocks_for(tp, bs)):
+            for index in range(PagedKVCache.blocks_for(length, bs)):
                 self.row_blocks[row].append(self.cache.grow(row, index))
                 self.row_reserve[row] -= 1
                 self.reserved -= 1
@@ -217,6 +248,7 @@ class FastRunner:
 
     def release(self, slot: int) -> None:
         for row in self.slot_rows.pop(slot, []):
+            self.row_pos.pop(row, None)
             self.cache.clear_row(row, self.row_blocks.pop(row))
             self.reserved -= self.row_reserve.pop(row)
             text_blocks = self.text_row_blocks.pop(row, None)
@@ -232,6 +264,7 @@ class FastRunner:
         self.prompt_lengths[slot] = 0
         self.cond_rows[slot] = 0
         self.null_rows[slot] = -1
+        self.wav_rows[slot] = 0
 
     def read_frames(self, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """(slot, start, stop) -> frames start..stop-1 of that slot's codes, int64 [K, stop - start] on CPU,
@@ -243,11 +276,9 @@ class FastRunner:
     def _grow(self) -> None:
         """Hand each running row the block its next position needs (from its reservation)."""
         bs = self.cache.block_size
-        for slot, step in self.slot_step.items():
-            if step % bs:
-                continue
-            for row in self.slot_rows[slot]:
-                self.row_blocks[row].append(self.cache.grow(row, step // bs))
+        for row, pos in self.row_pos.items():
+            if pos % bs == 0:
+                self.row_blocks[row].append(self.cache.grow(row, pos // bs))
                 self.row_reserve[row] -= 1
                 self.reserved -= 1
 
@@ -271,13 +302,14 @@ class FastRunner:
                                        text_lens).view(rows, -1)
 
         for i in range(cfg.num_layers):
-            x = dec.layer(i, x, self_attn, cross_attn)
+            x = dec.layer(i, x, self_attn, None if cfg.prefix else cross_attn)
         logits = dec.logits(x)  # [R, K, V]
         mixed = ops.cfg_mix_rows(logits, self.cond_rows, self.null_rows, self.cfg_coef, self.mix_temperature)
         # Double CFG (few requests use it; static shapes, so every step computes it and keeps it where asked).
         c, u = logits.float()[self.cond_rows], logits.float()[self.null_rows.clamp(min=0)]
+        w = logits.float()[self.wav_rows]
         alpha, beta = self.cfg_coef[:, None, None], self.cfg_beta[:, None, None]
-        double = double_cfg_mix(c, u, u, alpha, beta) / self.mix_temperature[:, None, None]
+        double = double_cfg_mix(c, w, u, alpha, beta) / self.mix_temperature[:, None, None]
         mixed = torch.where(self.double_cfg[:, None, None], double, mixed)
         self.nonfinite |= ~torch.isfinite(mixed).flatten(1).all(dim=1)
         u = uniforms(self.seeds, self.step_t, cfg.num_codebooks)  # [S, K]
@@ -319,5 +351,7 @@ class FastRunner:
             self._step(rows)
         for s in slots:
             self.slot_step[s] += 1
+            for row in self.slot_rows[s]:
+                self.row_pos[row] += 1
         bad = self.nonfinite.cpu()
         return {s: bool(bad[s]) for s in slots}

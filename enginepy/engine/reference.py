@@ -5,7 +5,9 @@ length, its cross-attention K/V computed once from its own prompt (encoded alone
 depends on what else runs), its codes [1, K, frames] and its settings. A step stacks the rows of every running
 request for the matmuls (row results do not depend on their neighbours) and runs each request's attention over
 its own cache, so a request's output is the same whatever else runs and whenever it joined.
-Rows: 2 per request with classifier-free guidance (cond, then null), 1 when cfg_coef == 1.
+Rows: 2 per request with classifier-free guidance (cond, then null), 1 when cfg_coef == 1; prefix-conditioned
+models (MusicGen-Melody) with double CFG: 3 (cond, melody-only, null). Their prefix [chroma ; text] is prefilled
+at admission into the first positions of the request's cache, and decode step s sits at position P + s.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .. import pattern
 from ..model import CrossKV, KVCache, MusicGenDecoder, attention
 from ..rng import uniforms
 from ..sampling import cfg_mix, sample_tokens
-from .request import Request, SamplingParams, prompt_frames, request_text
+from .request import Request, SamplingParams, prefix_rows, prompt_frames, request_rows, request_text
 
 
 def double_cfg_mix(cond, wav, uncond, alpha, beta):
@@ -34,9 +36,10 @@ class _Slot:
     lengths: torch.Tensor  # int64 [1]
     prompt_lengths: torch.Tensor  # int64 [1]: frames of audio prompt (never overwritten)
     cache: KVCache
-    cross: CrossKV
+    cross: CrossKV | None  # None for prefix-conditioned models
     codes: torch.Tensor  # int64 [1, K, frames]
     step: int = 0
+    offset: int = 0  # prefix positions before decode step 0 (prefix-conditioned models)
 
 
 class ReferenceRunner:
@@ -59,14 +62,20 @@ class ReferenceRunner:
 
     @torch.no_grad()
     def admit(self, slot: int, request: Request) -> None:
-        cfg, dev = self.cfg, self.device
+        cfg, dec, dev = self.cfg, self.decoder, self.device
         states, mask = request_text(self.conditioner, request, cfg.text_hidden_size)
-        cond = self.decoder.project_text(states.to(dev), mask.to(dev))
-        mask = mask.to(dev)
-        if request.params.use_cfg:
-            cond = torch.cat([cond, torch.zeros_like(cond)])
-            mask = torch.cat([mask, torch.zeros_like(mask)])
-        rows = cond.shape[0]
+        states, mask = states.to(dev), mask.to(dev)
+        rows = request_rows(cfg, request.params)
+        prefix, cross = None, None
+        if cfg.prefix:
+            prefix = dec.embed_prefix(prefix_rows(dec, request, states, mask))  # [rows, P, D]
+        else:
+            cond = dec.project_text(states, mask)
+            if rows > 1:
+                cond = torch.cat([cond, torch.zeros_like(cond)])
+                mask = torch.cat([mask, torch.zeros_like(mask)])
+            cross = dec.precompute_cross(cond, mask)
+        offset = 0 if prefix is None else prefix.shape[1]
         tp = prompt_frames(request)
         codes = torch.full((1, cfg.num_codebooks, request.frames), cfg.special_token, dtype=torch.int64, device=dev)
         st = _Slot(
@@ -75,16 +84,19 @@ class ReferenceRunner:
             seed=torch.tensor([request.seed], dtype=torch.int64, device=dev),
             lengths=torch.tensor([request.frames], dtype=torch.int64, device=dev),
             prompt_lengths=torch.tensor([tp], dtype=torch.int64, device=dev),
-            cache=KVCache.allocate(cfg, rows, request.frames + cfg.max_delay, self.decoder.dtype, dev),
-            cross=self.decoder.precompute_cross(cond, mask),
+            cache=KVCache.allocate(cfg, rows, offset + request.frames + cfg.max_delay, dec.dtype, dev),
+            cross=cross,
             codes=codes,
+            offset=offset,
         )
         if tp:
-            # Decode steps 0 .. Tp-1 predict prompt frames only (every prediction would be discarded): their K/V
-            # come from one forward over pattern columns 0 .. Tp-1, and decoding resumes at step Tp.
             codes[0, :, :tp] = request.prompt_codes.to(dev)
+        if tp or prefix is not None:
+            # Decode steps 0 .. Tp-1 predict prompt frames only (every prediction would be discarded): their K/V
+            # come from one forward over the prefix (if any) and pattern columns 0 .. Tp-1, and decoding resumes at
+            # step Tp.
             columns = pattern.delay_scatter(codes[:, :, :tp], self.delays, cfg.special_token)[:, :, :tp]
-            self.decoder.prefill(columns.expand(rows, -1, -1), 0, st.cache, st.cross)
+            dec.prefill(columns.expand(rows, -1, -1), 0, st.cache, st.cross, prefix)
             st.step = tp
         self.slots[slot] = st
 
@@ -106,7 +118,7 @@ class ReferenceRunner:
             step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
             t = pattern.delay_step_input(st.codes, step, st.lengths, self.delays, cfg.special_token)  # [1, K]
             tokens.append(t.expand(st.rows, -1))
-            positions.append(step.expand(st.rows))
+            positions.append((step + st.offset).expand(st.rows))
             spans.append((row, row + st.rows))
             row += st.rows
         x = dec.embed(torch.cat(tokens)[:, :, None], torch.cat(positions)[:, None])  # [R, 1, D]
@@ -114,7 +126,7 @@ class ReferenceRunner:
         def self_attn(i, q, k, v):
             out = []
             for st, (a, b) in zip(states, spans):
-                s = st.step
+                s = st.offset + st.step
                 st.cache.k[i, :, :, s : s + 1] = dec._heads(k[a:b])
                 st.cache.v[i, :, :, s : s + 1] = dec._heads(v[a:b])
                 allowed = torch.ones(1, s + 1, dtype=torch.bool, device=self.device)
@@ -130,7 +142,7 @@ class ReferenceRunner:
             return torch.cat(out)
 
         for i in range(cfg.num_layers):
-            x = dec.layer(i, x, self_attn, cross_attn)
+            x = dec.layer(i, x, self_attn, None if cfg.prefix else cross_attn)
         logits = dec.logits(x)[:, 0]  # [R, K, V]
 
         bad: dict[int, bool] = {}
@@ -138,9 +150,10 @@ class ReferenceRunner:
             p = st.params
             if p.cfg_coef_beta is None:
                 mixed = cfg_mix(logits[a:b], 1, p.cfg_coef)[0]  # fp32 [K, V]
-            else:  # the text-dropped logits w are the null row's: text is the only condition
-                c, u = logits[a].float(), logits[a + 1].float()
-                mixed = double_cfg_mix(c, u, u, p.cfg_coef, p.cfg_coef_beta)
+            else:  # w, the text-dropped logits: the melody-only row, or for text models the null row's
+                c, u = logits[a].float(), logits[b - 1].float()
+                w = logits[a + 1].float() if st.rows == 3 else u
+                mixed = double_cfg_mix(c, w, u, p.cfg_coef, p.cfg_coef_beta)
             bad[slot] = not bool(torch.isfinite(mixed).all())
             step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
             u = uniforms(st.seed, step, cfg.num_codebooks)[0]  # [K]

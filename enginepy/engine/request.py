@@ -93,6 +93,10 @@ class Request:
     are the first Tp frames of an audio continuation: prefilled at admission (decode steps 0 .. Tp-1, whose
     predictions are all prompt frames), so `step` starts at Tp. text: precomputed T5 output (states fp32
     [1, Tt, Dt], mask bool [1, Tt]) of `prompt`, reused instead of running T5 again (long form windows).
+    Prefix-conditioned models (MusicGen-Melody): melody, one-hot chroma fp32 [1, Nc, 12] (None: no melody, the
+    null chroma); text_len, the text part's length when it is padded with zero vectors beyond the prompt's
+    tokens (a batch padded to its longest prompt, as transformers and audiocraft run one: the prefix attends
+    to the padding, so it changes the result).
     """
 
     request_id: str
@@ -103,6 +107,8 @@ class Request:
     arrival: int  # admission order (FIFO)
     prompt_codes: torch.Tensor | None = None
     text: tuple[torch.Tensor, torch.Tensor] | None = None
+    melody: torch.Tensor | None = None
+    text_len: int | None = None
     state: RequestState = RequestState.WAITING
     slot: int = -1
     step: int = 0
@@ -140,11 +146,43 @@ def request_text(conditioner, request: Request, text_hidden_size: int) -> tuple[
     vector with mask False (transformers' get_unconditional_inputs; audiocraft's None -> "" with its mask
     zeroed projects to the same zero conditioning)."""
     if request.text is not None:
-        return request.text
-    if request.prompt is None:
-        return (torch.zeros((1, 1, text_hidden_size), dtype=torch.float32),
-                torch.zeros((1, 1), dtype=torch.bool))
-    return conditioner.encode([request.prompt])
+        states, mask = request.text
+    elif request.prompt is None:
+        states, mask = (torch.zeros((1, 1, text_hidden_size), dtype=torch.float32),
+                        torch.zeros((1, 1), dtype=torch.bool))
+    else:
+        states, mask = conditioner.encode([request.prompt])
+    pad = (request.text_len or 0) - mask.shape[1]
+    if pad > 0:  # zero states, masked: what a padded batch gives the shorter prompts
+        states = torch.cat([states, states.new_zeros(1, pad, states.shape[2])], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(1, pad)], dim=1)
+    return states, mask
+
+
+def prefix_rows(decoder, request: Request, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A prefix-conditioned request's conditioning rows, fp32 [R, P, D] (decoder.project_prefix): the cond row
+    [chroma ; text]; with CFG the null row [null chroma ; zeros], and with double CFG (cfg_coef_beta) before it
+    the melody-only row [chroma ; zeros] — rows cond, (melody-only,) null. The null rows keep the text length."""
+    from ..chroma import null_chroma
+
+    dev = states.device
+    chroma = (request.melody if request.melody is not None else null_chroma(1)).to(dev)
+    none = null_chroma(1).to(dev)
+    rows = [(chroma, states, mask)]
+    if request.params.use_cfg:
+        zeros, unmasked = torch.zeros_like(states), torch.zeros_like(mask)
+        if request.params.cfg_coef_beta is not None:
+            rows.append((chroma, zeros, unmasked))
+        rows.append((none, zeros, unmasked))
+    return torch.cat([decoder.project_prefix(c, s, m) for c, s, m in rows])
+
+
+def request_rows(cfg, params: SamplingParams) -> int:
+    """Decoder rows of one request: 1 without CFG; cond and null with it; prefix models with double CFG add the
+    melody-only row (text models' text-dropped logits are the null row's)."""
+    if not params.use_cfg:
+        return 1
+    return 3 if cfg.prefix and params.cfg_coef_beta is not None else 2
 
 
 def check_prompt_codes(codes, num_codebooks: int, vocab_size: int, frames: int) -> torch.Tensor | None:
@@ -166,6 +204,36 @@ def check_prompt_codes(codes, num_codebooks: int, vocab_size: int, frames: int) 
     if low < 0 or high >= vocab_size:
         raise InvalidParameter(f"prompt_codes must be in [0, {vocab_size - 1}]; got values in [{low}, {high}]")
     return codes.detach().to(device="cpu", dtype=torch.int64).contiguous()
+
+
+def check_melody(melody, cfg) -> torch.Tensor | None:
+    """None, or a chroma float [Nc, 12] / [1, Nc, 12] for a MusicGen-Melody model -> fp32 [1, Nc, 12] on CPU."""
+    if melody is None:
+        return None
+    if not cfg.prefix:
+        raise InvalidParameter("melody needs a MusicGen-Melody model (this one is conditioned on text only)")
+    if not isinstance(melody, torch.Tensor) or not melody.is_floating_point():
+        raise InvalidParameter(f"melody must be a float torch.Tensor [Nc, {cfg.num_chroma}] of chroma "
+                               f"(enginepy.chroma.chroma_features); got {type(melody).__name__}")
+    if melody.dim() == 3 and melody.shape[0] == 1:
+        melody = melody[0]
+    if melody.dim() != 2 or melody.shape[0] < 1 or melody.shape[1] != cfg.num_chroma:
+        raise InvalidParameter(f"melody must have shape [Nc, {cfg.num_chroma}] with Nc >= 1; got {list(melody.shape)}")
+    if not bool(torch.isfinite(melody).all()):
+        raise InvalidParameter("melody has NaN or infinite values")
+    return melody.detach().to(device="cpu", dtype=torch.float32)[None]
+
+
+def check_text_len(text_len, cfg, max_tokens: int | None) -> int | None:
+    """None, or the padded text length of a MusicGen-Melody prefix: an integer in [1, max_tokens]."""
+    if text_len is None:
+        return None
+    if not cfg.prefix:
+        raise InvalidParameter("text_len applies to MusicGen-Melody models only (a padded text is masked otherwise)")
+    high = max_tokens or 512
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or not 1 <= text_len <= high:
+        raise InvalidParameter(f"text_len must be an integer in [1, {high}]; got {text_len!r}")
+    return text_len
 
 
 def draw_seed() -> int:

@@ -76,27 +76,14 @@ def _check_device(args):
 def _check_static(args):
     """Everything that can be refused before reading the model: options, the job file's kind, the output
     directory. Returns the device."""
-    from ..api import BACKENDS
     from ..audio_io import check_creatable
-    from ..conditioning import check_max_text_len
-    from ..convert import parse_dtype
+    from ..cli import check_model_options
     from ..params import check_sampling
     from .jobs import job_format
 
-    if args.backend is not None and args.backend not in BACKENDS:
-        raise InvalidParameter(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
-    if args.dtype is not None and args.dtype != "int8":  # int8: the packed CPU decoder, checked when loading
-        parse_dtype(args.dtype, "--dtype")
+    check_model_options(args)
     if args.format not in FORMATS:
         raise InvalidParameter(f"--format must be one of {', '.join(FORMATS)}; got {args.format!r}")
-    if not args.max_duration > 0 or args.max_duration == float("inf"):
-        raise InvalidParameter(f"--max-duration must be a positive number of seconds; got {args.max_duration}")
-    if not 0 < args.duration <= args.max_duration:
-        raise InvalidParameter(f"--duration must be in (0, {args.max_duration:g}] seconds; got {args.duration}")
-    try:
-        check_max_text_len(args.max_text_len)
-    except InvalidParameter:
-        raise InvalidParameter(f"--max-text-len must be an integer in [1, 512]; got {args.max_text_len}") from None
     check_sampling(not args.greedy, args.top_k if args.top_k is not None else 0, args.top_p, args.temperature,
                    args.cfg_coef, args.seed)
     for name, value in (("--max-batch", args.max_batch), ("--actors", args.actors), ("--actor-cpus", args.actor_cpus)):
