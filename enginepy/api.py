@@ -26,7 +26,7 @@ from .precision import fp32_matmul_exact
 from .loading import default_dtype, load_components, parse_device, resolve_model_dir
 from .params import check_duration, check_prompts
 from .audio_prompt import check_optional_prompts, check_sample_rate, check_waveforms, convert_audio, encode_audio
-from .longform import check_extend_stride, generate_windows, window_plan
+from .longform import check_extend_stride, generate_windows, melody_window, window_plan
 
 BACKENDS = ("reference", "fast")
 
@@ -178,11 +178,12 @@ class MusicGen:
         return self._generate_codes(check_prompts(descriptions), None, progress)
 
     def _generate_codes(self, prompts: list[str | None], prompt_codes: list[torch.Tensor] | None,
-                        progress: bool, melodies: torch.Tensor | None = None) -> torch.Tensor:
+                        progress: bool, melody_waves: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """prompts (None: unconditional) and optional audio-prompt codes [K, Tp] per row -> codes int64
         [B, K, frames] on CPU, in windows when the duration exceeds max_duration (T5 runs once per prompt).
-        melodies: chroma [B, Nc, 12] (MusicGen-Melody). A melody model's text prefixes are padded to the call's
-        longest prompt, as one padded batch of transformers or audiocraft is."""
+        melody_waves (MusicGen-Melody): per row a waveform [C, T] at the chroma's rate, or None; in long form each
+        window conditions on the melody looped from the window's start (audiocraft). A melody model's text
+        prefixes are padded to the call's longest prompt, as one padded batch of transformers or audiocraft is."""
         texts = [p for p in prompts if p is not None]
         text_len = None
         if texts:  # before any work, naming descriptions[i]
@@ -194,9 +195,9 @@ class MusicGen:
             raise InvalidParameter(f"seed + number of prompts must stay below 2**63; got seed {seed}")
         tp = 0 if prompt_codes is None else prompt_codes[0].shape[-1]
         plan = window_plan(self.duration, self.max_duration, self.extend_stride, self.frame_rate, tp)
-        if len(plan) > 1 and melodies is not None:
-            raise InvalidParameter(f"a melody conditions at most max_duration ({self.max_duration:g} s); long form "
-                                   "with a melody is not supported")
+        melodies = None
+        if melody_waves is not None and len(plan) == 1:
+            melodies = self._chroma_of(melody_waves)
         with self._lock, fp32_matmul_exact(self.decoder.dtype):
             engine = self._engine if self._engine is not None else self.engine(min(len(prompts), self.max_batch))
             states = None
@@ -204,10 +205,15 @@ class MusicGen:
                 states = [None if p is None else self.conditioner.encode_one(p, f"descriptions[{i}]")
                           for i, p in enumerate(prompts)]
 
-            def run_window(codes, frames, window_seed):
+            def run_window(codes, frames, window_seed, window):
+                chroma = melodies
+                if melody_waves is not None and len(plan) > 1:
+                    chroma = self._chroma_of([None if w is None else melody_window(
+                        w, window, stride, self.frame_rate, self.cfg.chroma["sampling_rate"], self.max_duration)
+                        for w in melody_waves])
                 return generate_tokens(engine, prompts, self.duration, self.params, window_seed, progress=progress,
                                        on_step=self._progress_callback, prompt_codes=codes, frames=frames,
-                                       texts=states, melodies=melodies, text_len=text_len)
+                                       texts=states, melodies=chroma, text_len=text_len)
 
             stride = int(self.frame_rate * self.extend_stride) if len(plan) > 1 else 0
             return generate_windows(run_window, plan, stride, prompt_codes or [None] * len(prompts), seed)
@@ -230,17 +236,17 @@ class MusicGen:
         and melody_sample_rate as generate_with_chroma does (default: no melody)."""
         wav = check_waveforms(prompt, "prompt")
         rate = check_sample_rate(prompt_sample_rate, "prompt_sample_rate")
-        melodies = None
+        waves = None
         if melody_wavs is not None:
             if not self.cfg.prefix:
                 raise InvalidParameter("melody_wavs needs a MusicGen-Melody model (this one is conditioned on text only)")
-            melodies = self._melody_chroma(melody_wavs, melody_sample_rate)
-            if melodies.shape[0] != wav.shape[0]:
-                raise InvalidParameter(f"melody_wavs has {melodies.shape[0]} melodies but the prompt has "
+            waves = self._melody_waves(melody_wavs, melody_sample_rate)
+            if len(waves) != wav.shape[0]:
+                raise InvalidParameter(f"melody_wavs has {len(waves)} melodies but the prompt has "
                                        f"{wav.shape[0]} (one each)")
         prompt_codes = encode_audio(self.codec, convert_audio(wav, rate, self.sample_rate, self.audio_channels))
         prompts = check_optional_prompts(descriptions, prompt_codes.shape[0])
-        codes = self._generate_codes(prompts, list(prompt_codes), progress, melodies=melodies)
+        codes = self._generate_codes(prompts, list(prompt_codes), progress, melody_waves=waves)
         wav = self.generate_audio(codes)
         return (wav, codes) if return_tokens else wav
 
@@ -253,20 +259,21 @@ class MusicGen:
         if not self.cfg.prefix:
             raise InvalidParameter("generate_with_chroma needs a MusicGen-Melody model (this one is conditioned on "
                                    "text only)")
-        melodies = self._melody_chroma(melody_wavs, melody_sample_rate)
-        prompts = check_optional_prompts(descriptions, melodies.shape[0])
-        codes = self._generate_codes(prompts, None, progress, melodies=melodies)
+        waves = self._melody_waves(melody_wavs, melody_sample_rate)
+        prompts = check_optional_prompts(descriptions, len(waves))
+        codes = self._generate_codes(prompts, None, progress, melody_waves=waves)
         wav = self.generate_audio(codes)
         return (wav, codes) if return_tokens else wav
 
     def _melody_chroma(self, melody_wavs, melody_sample_rate) -> torch.Tensor:
         """melody_wavs (float [B, C, T] or [C, T], or a list of [C, T_i] / None) at melody_sample_rate -> chroma
-        float32 [B, Nc, 12]: resampled to the chroma's rate, the given melodies as one padded batch (as the feature
-        extractor computes them), None entries the null chroma."""
-        from .chroma import chroma_features, null_chroma
+        float32 [B, Nc, 12] (see _melody_waves and _chroma_of)."""
+        return self._chroma_of(self._melody_waves(melody_wavs, melody_sample_rate))
 
+    def _melody_waves(self, melody_wavs, melody_sample_rate) -> list[torch.Tensor | None]:
+        """melody_wavs (float [B, C, T] or [C, T], or a list of [C, T_i] / None) at melody_sample_rate, checked ->
+        per row float32 [C, T'] resampled to the chroma's rate, or None."""
         rate = check_sample_rate(melody_sample_rate, "melody_sample_rate")
-        chroma_rate = self.cfg.chroma["sampling_rate"]
         if isinstance(melody_wavs, (list, tuple)):
             if not melody_wavs:
                 raise InvalidParameter("melody_wavs is an empty list (one waveform or None per description)")
@@ -276,14 +283,21 @@ class MusicGen:
                     raise InvalidParameter(f"melody_wavs[{i}] must be one waveform [C, T]; got {list(w.shape)}")
         else:
             wavs = list(check_waveforms(melody_wavs, "melody_wavs")[:, None])
-        given = [i for i, w in enumerate(wavs) if w is not None]
-        melodies = null_chroma(len(wavs))
+        chroma_rate = self.cfg.chroma["sampling_rate"]
+        return [None if w is None else convert_audio(w, rate, chroma_rate, w.shape[1])[0] for w in wavs]
+
+    def _chroma_of(self, waves: list[torch.Tensor | None]) -> torch.Tensor:
+        """Per row a waveform [C, T] at the chroma's rate or None -> chroma float32 [B, Nc, 12]: the given melodies
+        as one padded batch (as the feature extractor computes them), None rows the null chroma."""
+        from .chroma import chroma_features, null_chroma
+
+        given = [i for i, w in enumerate(waves) if w is not None]
+        melodies = null_chroma(len(waves))
         if given:
-            converted = [convert_audio(wavs[i], rate, chroma_rate, wavs[i].shape[1])[0] for i in given]
             c = self.cfg.chroma
-            feats = chroma_features(converted, chroma_rate, n_fft=c["n_fft"], hop_length=c["hop_length"],
-                                    chunk_length_s=float(c["chunk_length"]))
-            melodies = melodies.expand(len(wavs), feats.shape[1], -1).clone()
+            feats = chroma_features([waves[i] for i in given], c["sampling_rate"], n_fft=c["n_fft"],
+                                    hop_length=c["hop_length"], chunk_length_s=float(c["chunk_length"]))
+            melodies = melodies.expand(len(waves), feats.shape[1], -1).clone()
             melodies[given] = feats
         return melodies
 

@@ -61,16 +61,27 @@ def window_seed(seed: int, window: int) -> int:
     return seed if window == 0 else (seed + window * WINDOW_SEED_STRIDE) % 2**62
 
 
-def generate_windows(run_window: Callable[[list, int, int], torch.Tensor], plan: list[tuple[int, int]],
+def melody_window(wav: torch.Tensor, window: int, stride: int, frame_rate: int, sample_rate: int,
+                  max_duration: float) -> torch.Tensor:
+    """The melody a long-form window conditions on (audiocraft's `_generate_tokens`): wav [..., T] at sample_rate,
+    looped, from sample int(t * sample_rate) for int(max_duration * sample_rate) samples, t = window * stride /
+    frame_rate the window's start in seconds."""
+    start = int(window * stride / frame_rate * sample_rate)
+    positions = torch.arange(start, start + int(max_duration * sample_rate))
+    return wav[..., positions % wav.shape[-1]]
+
+
+def generate_windows(run_window: Callable[[list, int, int, int], torch.Tensor], plan: list[tuple[int, int]],
                      stride: int, prompt_codes: list[torch.Tensor | None], seed: int) -> torch.Tensor:
-    """Run the plan: run_window(prompt_codes per row, window frames, seed) -> codes int64 [B, K, frames] (starting
-    with the given prompt). Returns [B, K, total]: the initial prompt, then each window's new frames."""
+    """Run the plan: run_window(prompt_codes per row, window frames, seed, window index) -> codes int64
+    [B, K, frames] (starting with the given prompt). Returns [B, K, total]: the initial prompt, then each window's
+    new frames."""
     parts = []
     if plan[0][0]:
         parts.append(torch.stack(prompt_codes))
     prompts = prompt_codes
     for w, (plen, frames) in enumerate(plan):
-        codes = run_window(prompts if plen else [None] * len(prompts), frames, window_seed(seed, w))
+        codes = run_window(prompts if plen else [None] * len(prompts), frames, window_seed(seed, w), w)
         parts.append(codes[:, :, plen:])
         rest = codes[:, :, stride:]
         prompts = list(rest) if rest.shape[-1] else [None] * codes.shape[0]

@@ -169,6 +169,48 @@ def test_double_cfg_beta_one_is_plain_cfg_and_beta_changes_it(model_factory, eng
     assert not torch.equal(runs[None], runs[3.0])
 
 
+def test_two_step_cfg_is_cfg_over_two_prefixes_on_transformers_logits(model_factory, engine_cache):
+    """Teacher-forced: transformers' melody decoder on the engine's own codes, once under the cond prefix
+    [chroma ; text] and once under two-step CFG's null prefix [null chroma ; one zero vector], both built with
+    transformers' own projections; u + α(c − u) must pick every generated token."""
+    from enginepy.chroma import null_chroma
+
+    src = model_factory("melody-short")
+    model, tokenizer = load_hf(src)
+    mg = load(src, engine_cache)
+    alpha, frames, prompt, wave = 3.0, 8, "lo-fi beat with warm piano", melody(2.0, 440.0, seed=12)
+    mg.set_generation_params(duration=frames / mg.frame_rate, use_sampling=False, cfg_coef=alpha, two_step_cfg=True)
+    codes = mg.generate_with_chroma([prompt], [wave], RATE, return_tokens=True)[1]
+    mg.set_generation_params(duration=frames / mg.frame_rate, use_sampling=False, cfg_coef=alpha)
+    assert not torch.equal(codes, mg.generate_with_chroma([prompt], [wave], RATE, return_tokens=True)[1])
+    k, special, n = mg.cfg.num_codebooks, mg.cfg.special_token, model.config.chroma_length
+    steps = frames + k - 1
+    seq = torch.full((1, k, steps + 1), special)
+    for i in range(k):
+        seq[0, i, 1 + i : 1 + i + frames] = codes[0, i]
+    with torch.no_grad():
+        inputs = tokenizer([prompt], return_tensors="pt")
+        text = model.enc_to_dec_proj(model.text_encoder(**inputs).last_hidden_state)
+        text = text * inputs["attention_mask"][..., None]
+
+        def audio(chroma):
+            a = model.audio_enc_to_dec_proj(chroma)
+            return a.repeat(1, math.ceil(n / a.shape[1]), 1)[:, :n]
+
+        cond = torch.cat([audio(chroma_features([wave], RATE)), text], dim=1)
+        null = torch.cat([audio(null_chroma(1)), torch.zeros(1, 1, text.shape[-1])], dim=1)
+        ids = seq[:, :, :steps].reshape(k, steps)
+
+        def logits(prefix):
+            out = model.decoder(input_ids=ids, encoder_hidden_states=prefix).logits
+            return out.reshape(k, -1, out.shape[-1])[:, -steps:].float()
+
+        c, u = logits(cond), logits(null)
+    picked = (u + alpha * (c - u)).argmax(-1)  # [K, steps]: step s predicts frame s - k of codebook k
+    for i in range(k):
+        assert torch.equal(picked[i, i : i + frames], codes[0, i])
+
+
 @pytest.mark.triton
 def test_fast_equals_reference_with_requests_joining(model_factory, engine_cache):
     """Melody, no melody, double CFG, sampling and a continuation join one running fast engine at different
@@ -186,6 +228,7 @@ def test_fast_equals_reference_with_requests_joining(model_factory, engine_cache
         (3, "sampled", PROMPTS[0], dict(melody=chroma[1], top_k=5, seed=11)),
         (4, "melody-only", None, dict(melody=chroma[0], use_sampling=False)),
         (5, "continued", PROMPTS[0], dict(melody=chroma[0], prompt_codes=prompt_codes, use_sampling=False)),
+        (6, "two-step", PROMPTS[0], dict(melody=chroma[1], two_step_cfg=True, use_sampling=False)),
     ]
     engine = fast.engine(max_batch=4)
     done, step = {}, 0
@@ -208,6 +251,35 @@ def test_fast_equals_reference_with_requests_joining(model_factory, engine_cache
                 if out.finished:
                     assert torch.equal(done[rid], out.codes), rid
     assert engine.num_free_blocks == fast.engine(max_batch=4).num_free_blocks  # every block came back
+
+
+def test_long_form_with_a_melody_equals_the_window_loop(model_factory, engine_cache):
+    """Beyond max_duration, every window conditions on the melody looped from the window's start for
+    max_duration seconds (audiocraft's _generate_tokens), restated here over the step engine."""
+    from enginepy.generate import generate_tokens
+    from enginepy.longform import window_seed
+
+    mg = load(model_factory("melody-short"), engine_cache, max_duration=0.4, max_batch=2)
+    prompts, seed, duration, stride_s = ["lo-fi beat with piano", "jazz"], 5, 0.9, 0.24
+    waves = [melody(0.7, 440.0, seed=3), melody(0.25, 330.0, seed=4)]
+    mg.set_generation_params(duration=duration, use_sampling=True, top_k=4, seed=seed, extend_stride=stride_s)
+    codes = mg.generate_with_chroma(prompts, waves, RATE, return_tokens=True)[1]
+    fr = mg.frame_rate
+    total, stride = int(duration * fr), int(fr * stride_s)
+    text_len = max(len(ids) for ids in mg.conditioner.tokenizer(prompts)["input_ids"])
+    out, prompt, offset, window = [], None, 0, 0
+    while offset + (0 if prompt is None else prompt.shape[-1]) < total:
+        n = int(min(duration - offset / fr, mg.max_duration) * fr)
+        start = int(offset / fr * RATE)
+        looped = [torch.cat([w] * 8, dim=-1)[:, start : start + int(mg.max_duration * RATE)] for w in waves]
+        mg.set_generation_params(duration=mg.max_duration, use_sampling=True, top_k=4)
+        gen = generate_tokens(mg.engine(2), prompts, 0.0, mg.params, window_seed(seed, window),
+                              prompt_codes=[None, None] if prompt is None else list(prompt), frames=n,
+                              melodies=chroma_features(looped, RATE), text_len=text_len)
+        out.append(gen if prompt is None else gen[:, :, prompt.shape[-1]:])
+        prompt, offset, window = gen[:, :, stride:], offset + stride, window + 1
+    assert window == 4 and codes.shape == (2, mg.cfg.num_codebooks, total)
+    assert torch.equal(codes, torch.cat(out, dim=-1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +312,7 @@ def test_melody_errors(model_factory, engine_cache, tiny_engine):
         (dict(melody=chroma.long()), "melody must be a float torch.Tensor"),
         (dict(melody=chroma * float("inf")), "melody has NaN or infinite values"),
         (dict(text_len=0), r"text_len must be an integer in \[1, 256\]"),
-        (dict(two_step_cfg=True), "two_step_cfg is not supported with MusicGen-Melody"),
+        (dict(two_step_cfg=True, cfg_coef_beta=2.0), "two_step_cfg and cfg_coef_beta cannot be combined"),
     ]:
         with pytest.raises(InvalidParameter, match=message):
             engine.add_request("r", "a", duration=0.1, **kw)
@@ -249,10 +321,6 @@ def test_melody_errors(model_factory, engine_cache, tiny_engine):
         text_engine.add_request("r", "a", duration=0.1, melody=chroma)
     with pytest.raises(InvalidParameter, match="text_len applies to MusicGen-Melody models only"):
         text_engine.add_request("r", "a", duration=0.1, text_len=4)
-    long = load(model_factory("melody-short"), engine_cache, max_duration=0.2)
-    long.set_generation_params(duration=0.5, extend_stride=0.1)
-    with pytest.raises(InvalidParameter, match="long form with a melody is not supported"):
-        long.generate_with_chroma(["a"], good, RATE)
 
 
 def test_cli_melody_equals_the_api_and_refuses_bad_files(model_factory, engine_cache, tmp_path):

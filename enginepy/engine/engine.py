@@ -81,9 +81,6 @@ class Engine:
         text_len = check_text_len(text_len, self.cfg, getattr(self.runner.conditioner, "max_tokens", None))
         params = make_params(self.cfg.vocab_size, use_sampling, top_k, top_p, temperature, cfg_coef, seed,
                              cfg_coef_beta, two_step_cfg)
-        if params.two_step_cfg and self.cfg.prefix:
-            raise InvalidParameter("two_step_cfg is not supported with MusicGen-Melody models yet (their null rows "
-                                   "would have a prefix of another length); use the one-step default")
         if prompt is None and melody is None:
             params = dataclasses.replace(params, cfg_coef=1.0, cfg_coef_beta=None)
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:

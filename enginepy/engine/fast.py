@@ -127,27 +127,31 @@ class FastRunner:
         """Self-attention blocks neither in use nor promised to a running request."""
         return self.cache.allocator.num_free - self.reserved
 
-    def _prefix_len(self, request: Request) -> int:
-        """Positions of a prefix model's prefix: chroma_length + the text part (its tokens, or text_len); 0 for
-        text models."""
+    def _prefix_lens(self, request: Request) -> list[int]:
+        """Per row, the positions of a prefix model's prefix: chroma_length + the text part (its tokens, or
+        text_len; one for two-step CFG's null row); zeros for text models."""
+        rows = request_rows(self.cfg, request.params)
         if not self.cfg.prefix:
-            return 0
+            return [0] * rows
         if request.text is not None:
             tokens = request.text[1].shape[1]
         elif request.prompt is None:
             tokens = 1
         else:
             tokens = self.conditioner.check_lengths([request.prompt], ["prompt"])[0]
-        return self.cfg.chroma_length + max(tokens, request.text_len or 0)
+        lens = [self.cfg.chroma_length + max(tokens, request.text_len or 0)] * rows
+        if rows > 1 and request.params.two_step_cfg:
+            lens[-1] = self.cfg.chroma_length + 1
+        return lens
 
-    def _blocks_needed(self, request: Request) -> tuple[int, int]:
-        rows = request_rows(self.cfg, request.params)
-        positions = self._prefix_len(request) + request.frames + self.cfg.max_delay
-        return rows, rows * PagedKVCache.blocks_for(positions, self.cache.block_size)
+    def _blocks_needed(self, request: Request) -> list[int]:
+        """KV blocks each row of the request needs over its whole run."""
+        tail = request.frames + self.cfg.max_delay
+        return [PagedKVCache.blocks_for(p + tail, self.cache.block_size) for p in self._prefix_lens(request)]
 
     def can_admit(self, request: Request) -> bool:
-        rows, blocks = self._blocks_needed(request)
-        return len(self.free_rows) >= rows and self.free_blocks >= blocks
+        blocks = self._blocks_needed(request)
+        return len(self.free_rows) >= len(blocks) and self.free_blocks >= sum(blocks)
 
     # -- admission and release (host, between steps) ---------------------------------------------------------
     @torch.no_grad()
@@ -163,15 +167,15 @@ class FastRunner:
         if t > self.max_text_len or mask.shape[1] > self.max_text_len:
             raise InvalidParameter(f"the prompt has {max(t, mask.shape[1])} text tokens but the fast backend allows "
                                    f"{self.max_text_len}; raise max_text_len in from_pretrained or shorten the prompt")
-        rows_needed, blocks = self._blocks_needed(request)
+        blocks = self._blocks_needed(request)
+        rows_needed = len(blocks)
         rows = [self.free_rows.pop() for _ in range(rows_needed)]
         self.slot_rows[slot] = rows
-        self.reserved += blocks
-        per_row = blocks // rows_needed
+        self.reserved += sum(blocks)
         cond_row = rows[0]
-        prefix, cross = None, None
+        prefixes, cross = None, None
         if cfg.prefix:
-            prefix = dec.embed_prefix(prefix_rows(dec, request, states, mask))  # [rows, P, D]
+            prefixes = [dec.embed_prefix(p) for p in prefix_rows(dec, request, states, mask)]  # [1, P_r, D] each
             t = 0
         else:
             cond = dec.project_text(states, mask)
@@ -186,19 +190,23 @@ class FastRunner:
             if rows_needed > 1 and prompt_frames(request):  # for the prefill; the null row attends nothing
                 cross = dec.precompute_cross(torch.cat([cond, torch.zeros_like(cond)]),
                                              torch.cat([mask, torch.zeros_like(mask)]))
-        offset = 0 if prefix is None else prefix.shape[1]
+        offsets = [0] * rows_needed if prefixes is None else [p.shape[1] for p in prefixes]
         tp = prompt_frames(request)
         for j, row in enumerate(rows):
             self.row_blocks[row] = []
-            self.row_reserve[row] = per_row
-            self.row_pos[row] = offset + tp
-            self.positions[row] = offset + tp
-            self.seq_lens[row] = offset + tp + 1  # the step being computed is cached before it is attended
+            self.row_reserve[row] = blocks[j]
+            self.row_pos[row] = offsets[j] + tp
+            self.positions[row] = offsets[j] + tp
+            self.seq_lens[row] = offsets[j] + tp + 1  # the step being computed is cached before it is attended
             self.text_lens[row] = t if j == 0 else 0
             self.row_slot[row] = slot
         self.codes[slot].fill_(cfg.special_token)
-        if tp or prefix is not None:
-            self._prefill(rows, request, cross, prefix)
+        if tp or prefixes is not None:
+            if prefixes is None or len(set(offsets)) == 1:
+                self._prefill(rows, request, cross, None if prefixes is None else torch.cat(prefixes))
+            else:  # two-step CFG: prefixes of different lengths, one forward per row
+                for row, p in zip(rows, prefixes):
+                    self._prefill([row], request, None, p)
         self.slot_step[slot] = tp
         p = request.params
         self.step_t[slot] = tp

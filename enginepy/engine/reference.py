@@ -39,7 +39,7 @@ class _Slot:
     cross: CrossKV | None  # None for prefix-conditioned models
     codes: torch.Tensor  # int64 [1, K, frames]
     step: int = 0
-    offset: int = 0  # prefix positions before decode step 0 (prefix-conditioned models)
+    offsets: list[int] | None = None  # per row: prefix positions before decode step 0 (prefix models)
 
 
 class ReferenceRunner:
@@ -66,16 +66,16 @@ class ReferenceRunner:
         states, mask = request_text(self.conditioner, request, cfg.text_hidden_size)
         states, mask = states.to(dev), mask.to(dev)
         rows = request_rows(cfg, request.params)
-        prefix, cross = None, None
+        prefixes, cross = None, None
         if cfg.prefix:
-            prefix = dec.embed_prefix(prefix_rows(dec, request, states, mask))  # [rows, P, D]
+            prefixes = [dec.embed_prefix(p) for p in prefix_rows(dec, request, states, mask)]  # [1, P_r, D] each
         else:
             cond = dec.project_text(states, mask)
             if rows > 1:
                 cond = torch.cat([cond, torch.zeros_like(cond)])
                 mask = torch.cat([mask, torch.zeros_like(mask)])
             cross = dec.precompute_cross(cond, mask)
-        offset = 0 if prefix is None else prefix.shape[1]
+        offsets = [0] * rows if prefixes is None else [p.shape[1] for p in prefixes]
         tp = prompt_frames(request)
         codes = torch.full((1, cfg.num_codebooks, request.frames), cfg.special_token, dtype=torch.int64, device=dev)
         st = _Slot(
@@ -84,19 +84,25 @@ class ReferenceRunner:
             seed=torch.tensor([request.seed], dtype=torch.int64, device=dev),
             lengths=torch.tensor([request.frames], dtype=torch.int64, device=dev),
             prompt_lengths=torch.tensor([tp], dtype=torch.int64, device=dev),
-            cache=KVCache.allocate(cfg, rows, offset + request.frames + cfg.max_delay, dec.dtype, dev),
+            cache=KVCache.allocate(cfg, rows, max(offsets) + request.frames + cfg.max_delay, dec.dtype, dev),
             cross=cross,
             codes=codes,
-            offset=offset,
+            offsets=offsets,
         )
         if tp:
             codes[0, :, :tp] = request.prompt_codes.to(dev)
-        if tp or prefix is not None:
+        if tp or prefixes is not None:
             # Decode steps 0 .. Tp-1 predict prompt frames only (every prediction would be discarded): their K/V
             # come from one forward over the prefix (if any) and pattern columns 0 .. Tp-1, and decoding resumes at
-            # step Tp.
+            # step Tp. Rows whose prefixes differ in length (two-step CFG) run one forward each.
             columns = pattern.delay_scatter(codes[:, :, :tp], self.delays, cfg.special_token)[:, :, :tp]
-            dec.prefill(columns.expand(rows, -1, -1), 0, st.cache, st.cross, prefix)
+            if prefixes is None or len(set(offsets)) == 1:
+                prefix = None if prefixes is None else torch.cat(prefixes)
+                dec.prefill(columns.expand(rows, -1, -1), 0, st.cache, st.cross, prefix)
+            else:
+                for r, p in enumerate(prefixes):
+                    row_cache = KVCache(st.cache.k[:, r : r + 1], st.cache.v[:, r : r + 1])
+                    dec.prefill(columns, 0, row_cache, None, p)
             st.step = tp
         self.slots[slot] = st
 
@@ -118,7 +124,7 @@ class ReferenceRunner:
             step = torch.tensor([st.step], dtype=torch.int64, device=self.device)
             t = pattern.delay_step_input(st.codes, step, st.lengths, self.delays, cfg.special_token)  # [1, K]
             tokens.append(t.expand(st.rows, -1))
-            positions.append((step + st.offset).expand(st.rows))
+            positions.append(step + torch.tensor(st.offsets, dtype=torch.int64, device=self.device))
             spans.append((row, row + st.rows))
             row += st.rows
         x = dec.embed(torch.cat(tokens)[:, :, None], torch.cat(positions)[:, None])  # [R, 1, D]
@@ -126,12 +132,15 @@ class ReferenceRunner:
         def self_attn(i, q, k, v):
             out = []
             for st, (a, b) in zip(states, spans):
-                s = st.offset + st.step
-                st.cache.k[i, :, :, s : s + 1] = dec._heads(k[a:b])
-                st.cache.v[i, :, :, s : s + 1] = dec._heads(v[a:b])
-                allowed = torch.ones(1, s + 1, dtype=torch.bool, device=self.device)
-                out.append(dec._merge(attention(dec._heads(q[a:b]), st.cache.k[i, :, :, : s + 1],
-                                                st.cache.v[i, :, :, : s + 1], allowed)))
+                # rows with equal offsets attend together; two-step CFG's rows each on their own
+                groups = [(0, st.rows)] if len(set(st.offsets)) == 1 else [(r, r + 1) for r in range(st.rows)]
+                for r0, r1 in groups:
+                    s = st.offsets[r0] + st.step
+                    st.cache.k[i, r0:r1, :, s : s + 1] = dec._heads(k[a + r0 : a + r1])
+                    st.cache.v[i, r0:r1, :, s : s + 1] = dec._heads(v[a + r0 : a + r1])
+                    allowed = torch.ones(1, s + 1, dtype=torch.bool, device=self.device)
+                    out.append(dec._merge(attention(dec._heads(q[a + r0 : a + r1]), st.cache.k[i, r0:r1, :, : s + 1],
+                                                    st.cache.v[i, r0:r1, :, : s + 1], allowed)))
             return torch.cat(out)
 
         def cross_attn(i, q):

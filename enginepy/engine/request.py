@@ -52,8 +52,9 @@ def make_params(vocab_size: int, use_sampling=True, top_k=None, top_p=0.0, tempe
     cfg_coef_beta (None or a number in [0, 1e6]): audiocraft's double CFG, l = u + α·(w + β·(c − w) − u) with
     α = cfg_coef, w the logits with the text dropped. two_step_cfg: cond and null rows as separate forwards with
     their own KV state; every row here already is one (rows never mix), so for text-conditioned models it is the
-    batched function. Unlike audiocraft's two-step path, which uses the model's trained coefficient (3), the
-    given cfg_coef applies."""
+    batched function; for MusicGen-Melody the null forward's text is one masked zero vector (a shorter prefix)
+    instead of Tt of them. Unlike audiocraft's two-step path, which uses the model's trained coefficient (3), the
+    given cfg_coef applies; like it, two-step is plain CFG, so it does not combine with cfg_coef_beta."""
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, vocab_size)
     check_sampling(use_sampling, top_k, top_p, temperature, cfg_coef, seed, vocab_size)
@@ -62,6 +63,9 @@ def make_params(vocab_size: int, use_sampling=True, top_k=None, top_p=0.0, tempe
         cfg_coef_beta = float(beta)
     if not isinstance(two_step_cfg, bool):
         raise InvalidParameter(f"two_step_cfg must be True or False; got {two_step_cfg!r}")
+    if two_step_cfg and cfg_coef_beta is not None:
+        raise InvalidParameter("two_step_cfg and cfg_coef_beta cannot be combined (two-step CFG is plain CFG over "
+                               "two forwards, as in audiocraft); set one of them")
     return SamplingParams(use_sampling=use_sampling, top_k=int(top_k), top_p=float(top_p),
                           temperature=float(temperature), cfg_coef=float(cfg_coef), cfg_coef_beta=cfg_coef_beta,
                           two_step_cfg=two_step_cfg)
@@ -159,10 +163,12 @@ def request_text(conditioner, request: Request, text_hidden_size: int) -> tuple[
     return states, mask
 
 
-def prefix_rows(decoder, request: Request, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A prefix-conditioned request's conditioning rows, fp32 [R, P, D] (decoder.project_prefix): the cond row
-    [chroma ; text]; with CFG the null row [null chroma ; zeros], and with double CFG (cfg_coef_beta) before it
-    the melody-only row [chroma ; zeros] — rows cond, (melody-only,) null. The null rows keep the text length."""
+def prefix_rows(decoder, request: Request, states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """A prefix-conditioned request's conditioning rows, each fp32 [1, P_r, D] (decoder.project_prefix): the cond
+    row [chroma ; text]; with CFG the null row [null chroma ; zeros], and with double CFG (cfg_coef_beta) before it
+    the melody-only row [chroma ; zeros] — rows cond, (melody-only,) null. The null rows keep the text length,
+    except with two_step_cfg, where the null row's text is one masked zero vector (audiocraft's separate null
+    forward)."""
     from ..chroma import null_chroma
 
     dev = states.device
@@ -171,10 +177,12 @@ def prefix_rows(decoder, request: Request, states: torch.Tensor, mask: torch.Ten
     rows = [(chroma, states, mask)]
     if request.params.use_cfg:
         zeros, unmasked = torch.zeros_like(states), torch.zeros_like(mask)
+        if request.params.two_step_cfg:
+            zeros, unmasked = zeros[:, :1], unmasked[:, :1]
         if request.params.cfg_coef_beta is not None:
             rows.append((chroma, zeros, unmasked))
         rows.append((none, zeros, unmasked))
-    return torch.cat([decoder.project_prefix(c, s, m) for c, s, m in rows])
+    return [decoder.project_prefix(c, s, m) for c, s, m in rows]
 
 
 def request_rows(cfg, params: SamplingParams) -> int:
