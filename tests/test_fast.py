@@ -84,20 +84,20 @@ def test_kv_blocks_return_to_the_pool_after_success_and_failure(pair):
     finals = _run_requests(engine, PROMPTS, seed=0, duration=0.06)
     assert all(out.error is None and out.codes.shape == (fast.cfg.num_codebooks, 3) for out in finals.values())
     assert engine.num_free_blocks == free
-    # One infinite head weight: one non-finite logit per row. (A NaN that fills whole rows also stops the
-    # sampling kernel under the Triton interpreter, whose max over an all-NaN row raises in numpy.)
-    weight = fast.decoder.w("heads")
-    saved = weight[0, 0, 0].clone()
-    weight[0, 0, 0] = float("inf")
-    try:
-        failed = _run_requests(engine, PROMPTS[:1], seed=0, duration=0.06)["r0"]
-        fast.set_generation_params(duration=0.06, seed=0)
-        with pytest.raises(NonFiniteLogits, match="NaN/inf logits"):
-            fast.generate_tokens(PROMPTS[:1])
-    finally:
-        weight[0, 0, 0] = saved
-    assert isinstance(failed.error, NonFiniteLogits) and "NaN/inf logits" in str(failed.error)
-    assert engine.num_free_blocks == free
+    # One infinite head weight: one non-finite logit per row; a NaN final LayerNorm weight: whole rows of NaN.
+    for name, index in (("heads", (0, 0, 0)), ("ln_out.weight", (0,))):
+        weight = fast.decoder.w(name)
+        saved = weight[index].clone()
+        weight[index] = float("inf") if name == "heads" else float("nan")
+        try:
+            failed = _run_requests(engine, PROMPTS[:1], seed=0, duration=0.06)["r0"]
+            fast.set_generation_params(duration=0.06, seed=0)
+            with pytest.raises(NonFiniteLogits, match="NaN/inf logits"):
+                fast.generate_tokens(PROMPTS[:1])
+        finally:
+            weight[index] = saved
+        assert isinstance(failed.error, NonFiniteLogits) and "NaN/inf logits" in str(failed.error)
+        assert engine.num_free_blocks == free
 
 
 def test_more_prompts_than_max_batch_queue_and_match_single_requests(pair):

@@ -319,7 +319,11 @@ class FastRunner:
         alpha, beta = self.cfg_coef[:, None, None], self.cfg_beta[:, None, None]
         double = double_cfg_mix(c, w, u, alpha, beta) / self.mix_temperature[:, None, None]
         mixed = torch.where(self.double_cfg[:, None, None], double, mixed)
-        self.nonfinite |= ~torch.isfinite(mixed).flatten(1).all(dim=1)
+        finite = torch.isfinite(mixed).flatten(1).all(dim=1)
+        self.nonfinite |= ~finite
+        # A failed request's tokens are discarded; zero its logits so the sampler never sees an all-NaN row
+        # (the Triton interpreter's max over one raises).
+        mixed = torch.where(finite[:, None, None], mixed, torch.zeros_like(mixed))
         u = uniforms(self.seeds, self.step_t, cfg.num_codebooks)  # [S, K]
         picked = ops.sample_rows(mixed.view(-1, cfg.vocab_size), u.view(-1), self.sampler)
         ops.delay_step_write(self.codes, picked.view(self.max_slots, -1), self.step_t, self.lengths,
