@@ -130,6 +130,20 @@ def test_melody_model_without_melody_matches_transformers(model_factory, engine_
                                                                         RATE))[1])
 
 
+def test_unconditional_on_a_melody_model_matches_transformers(model_factory, engine_cache):
+    """generate_unconditional: the null prefix [null chroma ; one masked zero text vector], guidance off; the
+    oracle is transformers' generate with no inputs at all (its text encoder then sees one masked start token)."""
+    src = model_factory("melody")
+    model, _ = load_hf(src)
+    mg = load(src, engine_cache)
+    frames = 10
+    ref = capture_codes(model, lambda: model.generate(guidance_scale=1.0, do_sample=False,
+                                                      max_new_tokens=frames + max_delay(model)))
+    mg.set_generation_params(duration=frames / mg.frame_rate, use_sampling=False)
+    _, codes = mg.generate_unconditional(1, return_tokens=True)
+    assert torch.equal(codes, ref)
+
+
 def test_melody_continuation_matches_transformers(model_factory, engine_cache):
     """Audio continuation on a melody model: the prompt's pattern columns prefilled after the prefix. transformers'
     melody generate takes no input_values: the oracle gets the prompt's EnCodec codes as decoder_input_ids
