@@ -180,7 +180,8 @@ def test_int8_decoder_files_equal_enginepy_generate(model_dir, tmp_path):
 
 BAD_LINES = [
     ('{"id": "x1", "prompt": "jazz", "topk": 3}',
-     "unknown key 'topk' (a job may give id, prompt, seed, duration, use_sampling, top_k, top_p, temperature, cfg_coef)"),
+     "unknown key 'topk' (a job may give id, prompt, seed, duration, use_sampling, top_k, top_p, temperature, "
+     "cfg_coef, cfg_coef_beta, two_step_cfg, melody, continue)"),
     ('{"id": "x2", "prompt": "jazz", "top_k": 999}', "top_k must be an integer in [0, 32]; got 999"),
     ('{"id": "x3", "prompt": "jazz", "duration": "8"}', "duration must be a finite number; got '8'"),
     ('{"id": "x4", "prompt": "jazz", "duration": 45}',
@@ -248,7 +249,7 @@ def test_bad_csv_cells_and_a_prompt_the_engine_refuses(model_dir, tmp_path, caps
         f"{jobs}:4: top_k must be an integer; got '2.5'",
         f"{jobs}:5: use_sampling must be true or false; got 'maybe'",
         f"{jobs}:6: unknown key 'colour' (a job may give id, prompt, seed, duration, use_sampling, top_k, top_p, "
-        "temperature, cfg_coef)",
+        "temperature, cfg_coef, cfg_coef_beta, two_step_cfg, melody, continue)",
         f"{jobs}:7: 6 cells but the header names 5 columns",
     ]
     # Known only when the engine admits the request (the tokenizer's count), reported the same way.

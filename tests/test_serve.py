@@ -303,7 +303,8 @@ SERVER_CASES = [
     (dict(prompt=5), "prompt", "prompt must be a string; got int"),
     (dict(prompt=None), "prompt", "prompt must be a string; got NoneType"),
     (dict(prompt="jazz", topk=5), "topk", "unknown parameter 'topk'; the parameters are prompt, duration, seed, "
-     "use_sampling, top_k, top_p, temperature, cfg_coef, response_format, stream, stream_format"),
+     "use_sampling, top_k, top_p, temperature, cfg_coef, cfg_coef_beta, two_step_cfg, melody, audio_prompt, "
+     "response_format, stream, stream_format"),
     (dict(prompt="jazz", response_format="mp3"), "response_format", "response_format must be one of wav, flac, pcm; got 'mp3'"),
     (dict(prompt="jazz", stream="yes"), "stream", "stream must be true or false; got 'yes'"),
     (dict(prompt="jazz", stream=True, stream_format="x"), "stream_format", "stream_format must be one of audio, sse; got 'x'"),
@@ -553,7 +554,8 @@ def test_health_models_metrics_and_docs(server, mg):
         post = spec["paths"][GEN]["post"]
         fields = post["requestBody"]["content"]["application/json"]["schema"]["properties"]
         assert set(fields) == {"prompt", "duration", "seed", "use_sampling", "top_k", "top_p", "temperature",
-                               "cfg_coef", "response_format", "stream", "stream_format"}
+                               "cfg_coef", "cfg_coef_beta", "two_step_cfg", "melody", "audio_prompt",
+                               "response_format", "stream", "stream_format"}
         assert {"200", "400", "413", "500", "503"} <= set(post["responses"])
         assert client.get("/docs").status_code == 200
 

@@ -25,9 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r = subparsers.add_parser(
         "render", help="render every job of a JSONL / CSV / text file into a directory (resumable)",
         description="Render a job file into DIR/<id>.wav and DIR/manifest.jsonl. JOBS: .jsonl (one object per "
-                    "line: id, prompt, duration, seed, use_sampling, top_k, top_p, temperature, cfg_coef), .csv "
-                    "(the same columns) or .txt (one prompt per line). A rerun renders only what is missing, "
-                    "changed or damaged.")
+                    "line: id, prompt, duration, seed, use_sampling, top_k, top_p, temperature, cfg_coef, "
+                    "cfg_coef_beta, two_step_cfg, melody, continue; melody and continue are audio files, relative "
+                    "to the job file's directory), .csv (the same columns) or .txt (one prompt per line). A rerun "
+                    "renders only what is missing, changed (audio inputs included) or damaged.")
     r.add_argument("jobs", metavar="JOBS", help="job file: .jsonl, .csv or .txt")
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     _model_args(r)
@@ -163,7 +164,8 @@ def run(args) -> int:
     cfg = ModelConfig.load(directory)  # the vocabulary and frame rate the jobs are checked against; no weights yet
     defaults = JobDefaults(duration=args.duration, seed=args.seed, use_sampling=not args.greedy, top_k=args.top_k,
                            top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef)
-    jobs, bad = parse_jobs(args.jobs, defaults, cfg.vocab_size, cfg.frame_rate, args.max_duration)
+    jobs, bad = parse_jobs(args.jobs, defaults, cfg.vocab_size, cfg.frame_rate, args.max_duration,
+                           melody_model=cfg.prefix)
     for b in bad:
         print(f"{args.jobs}:{b.line}: {b.error}", file=sys.stderr)
     key = OutputKey(_model_identity(args.model), dtype, args.format)

@@ -7,15 +7,21 @@ exact message `add_request` would give, and never costs a model load or a render
 Defaults (the command line's): a job without `duration` gets --duration; a job without `seed` on line i (1-based)
 gets --seed + i - 1, so every job has a fixed seed and a rerun computes the same audio; a job without `id` is
 named by its line number.
+
+Audio inputs: `melody` (MusicGen-Melody models) and `continue` name audio files (WAV, FLAC, Ogg), relative paths
+against the job file's directory. Each is read and checked here (readable, non-empty, finite samples, a sane
+rate; a continuation shorter than the job's duration) and its content hashed: the hash is part of what makes a
+rendered job current, so a rerun re-renders a job whose audio file changed.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.request import make_params
 from ..errors import EnginepyError, InvalidParameter
@@ -23,20 +29,28 @@ from ..params import check_duration
 
 # The settings a job line may give, in the order the manifest writes them.
 SETTING_KEYS = ("duration", "use_sampling", "top_k", "top_p", "temperature", "cfg_coef")
-JOB_KEYS = ("id", "prompt", "seed") + SETTING_KEYS
+# Settings a job's `settings` holds only when they differ from the default (None, False): the settings of jobs
+# that do not use them stay what earlier versions recorded, so their files stay current.
+OPTIONAL_SETTINGS = ("cfg_coef_beta", "two_step_cfg")
+# Audio files a job may name: a melody (chroma conditioning) and an audio prompt to continue.
+AUDIO_KEYS = ("melody", "continue")
+JOB_KEYS = ("id", "prompt", "seed") + SETTING_KEYS + OPTIONAL_SETTINGS + AUDIO_KEYS
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "text"}
 # Ids become file names: a portable set of characters, never a path, never hidden (temporary files start with '.').
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # How CSV cells (text) become the types JSON lines carry.
 _CSV_INT = ("seed", "top_k")
-_CSV_FLOAT = ("duration", "top_p", "temperature", "cfg_coef")
+_CSV_FLOAT = ("duration", "top_p", "temperature", "cfg_coef", "cfg_coef_beta")
+_CSV_BOOL_KEYS = ("use_sampling", "two_step_cfg")
 _CSV_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
 class Job:
     """One validated job. settings: duration (s), use_sampling, top_k (None resolved to min(250, V)), top_p,
-    temperature, cfg_coef, with canonical types; frames = int(duration * frame_rate)."""
+    temperature, cfg_coef, and cfg_coef_beta / two_step_cfg when given (not None / True), with canonical types;
+    frames = int(duration * frame_rate). audio: "melody" / "continue" -> {"path": absolute path, "sha256": hex
+    digest of the file as it was read}, for the inputs the job names."""
 
     line: int
     id: str
@@ -44,10 +58,11 @@ class Job:
     seed: int
     settings: dict
     frames: int
+    audio: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"line": self.line, "id": self.id, "prompt": self.prompt, "seed": self.seed,
-                           "settings": self.settings, "frames": self.frames})
+                           "settings": self.settings, "frames": self.frames, "audio": self.audio})
 
     @classmethod
     def from_json(cls, text: str) -> "Job":
@@ -144,9 +159,9 @@ def _csv_value(key: str, cell: str):
             return float(cell)
         except ValueError:
             raise InvalidParameter(f"{key} must be a number; got {cell!r}") from None
-    if key == "use_sampling":
+    if key in _CSV_BOOL_KEYS:
         if cell.strip().lower() not in _CSV_BOOL:
-            raise InvalidParameter(f"use_sampling must be true or false; got {cell!r}")
+            raise InvalidParameter(f"{key} must be true or false; got {cell!r}")
         return _CSV_BOOL[cell.strip().lower()]
     return cell
 
@@ -184,8 +199,64 @@ def _text_records(text: str):
             yield number, {"prompt": raw.strip()}
 
 
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_audio_input(kind: str, path: str) -> tuple[str, float]:
+    """An audio input file -> (sha256, seconds), after checking that it decodes to finite samples at a sane rate
+    (audio_prompt.read_audio, the checks of `enginepy generate --melody / --continue`)."""
+    from ..audio_prompt import read_audio
+
+    if not os.path.exists(path):
+        raise InvalidParameter(f"{kind} {path} does not exist")
+    if not os.path.isfile(path):
+        raise InvalidParameter(f"{kind} {path} is not a file")
+    try:
+        sha256 = file_sha256(path)
+    except OSError as e:
+        raise InvalidParameter(f"{kind} {path} cannot be read ({e.strerror})") from None
+    wav, rate = read_audio(path, kind)  # [C, T]
+    return sha256, wav.shape[-1] / rate
+
+
+def _audio_inputs(record: dict, duration: float, melody_model: bool, base_dir: str, seen: dict) -> dict:
+    """The job's melody / continue files -> {kind: {"path", "sha256"}}; each (kind, file) is read once per job
+    file (`seen` caches the outcome), so a melody shared by many jobs costs one read."""
+    audio = {}
+    for kind in AUDIO_KEYS:
+        value = record.get(kind)
+        if value is None:
+            continue
+        if kind == "melody" and not melody_model:
+            raise InvalidParameter("melody needs a MusicGen-Melody model (this one is conditioned on text only)")
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidParameter(f"{kind} must be the path of an audio file (WAV, FLAC, Ogg); got {value!r}")
+        path = os.path.normpath(os.path.join(base_dir, value))  # an absolute value stays as it is
+        if (kind, path) not in seen:
+            try:
+                seen[kind, path] = _read_audio_input(kind, path)
+            except EnginepyError as e:
+                seen[kind, path] = e
+        outcome = seen[kind, path]
+        if isinstance(outcome, EnginepyError):
+            raise InvalidParameter(str(outcome))
+        sha256, seconds = outcome
+        # Its codes take at least seconds * frame_rate frames: as long as the duration, nothing is left to generate.
+        if kind == "continue" and seconds >= duration:
+            raise InvalidParameter(f"continue {path} lasts {seconds:g} s; it must be shorter than duration "
+                                   f"({duration:g} s), which includes it")
+        audio[kind] = {"path": path, "sha256": sha256}
+    return audio
+
+
 def _validate(number: int, record: dict, defaults: JobDefaults, vocab_size: int, frame_rate: int,
-              max_duration: float) -> Job:
+              max_duration: float, melody_model: bool, base_dir: str, seen: dict) -> Job:
     unknown = [k for k in record if k not in JOB_KEYS]
     if unknown:
         raise InvalidParameter(f"unknown key {unknown[0]!r} (a job may give {', '.join(JOB_KEYS)})")
@@ -199,20 +270,29 @@ def _validate(number: int, record: dict, defaults: JobDefaults, vocab_size: int,
     duration = record.get("duration", defaults.duration)
     frames = check_duration(duration, frame_rate, max_duration)
     given = {k: record.get(k, getattr(defaults, k)) for k in SETTING_KEYS[1:]}
-    params = make_params(vocab_size, seed=seed, **given)
+    params = make_params(vocab_size, seed=seed, cfg_coef_beta=record.get("cfg_coef_beta"),
+                         two_step_cfg=record.get("two_step_cfg", False), **given)
     settings = {"duration": float(duration), "use_sampling": params.use_sampling, "top_k": params.top_k,
                 "top_p": params.top_p, "temperature": params.temperature, "cfg_coef": params.cfg_coef}
-    return Job(number, job_id, prompt, int(seed), settings, frames)
+    if params.cfg_coef_beta is not None:
+        settings["cfg_coef_beta"] = params.cfg_coef_beta
+    if params.two_step_cfg:
+        settings["two_step_cfg"] = True
+    audio = _audio_inputs(record, float(duration), melody_model, base_dir, seen)
+    return Job(number, job_id, prompt, int(seed), settings, frames, audio)
 
 
 def parse_jobs(path: str, defaults: JobDefaults, vocab_size: int, frame_rate: int,
-               max_duration: float) -> tuple[list[Job], list[BadLine]]:
+               max_duration: float, melody_model: bool = False) -> tuple[list[Job], list[BadLine]]:
     """Read and validate a job file (format by extension). Returns the valid jobs and the bad lines, each in file
     order. A repeated id (compared ignoring case: 'A' and 'a' are one file on some file systems) is a bad line
-    at its second use; the first use stays valid."""
+    at its second use; the first use stays valid. melody_model: the model takes melodies (MusicGen-Melody); a
+    `melody` on another model is a bad line."""
     kind = job_format(path)
     text = read_text(path).removeprefix("\ufeff")  # the byte order mark spreadsheet programs put before a CSV
     records = {"jsonl": _jsonl_records, "csv": _csv_records, "text": _text_records}[kind](text)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    audio_seen: dict = {}
     jobs: list[Job] = []
     bad: list[BadLine] = []
     seen: dict[str, Job] = {}
@@ -221,7 +301,8 @@ def parse_jobs(path: str, defaults: JobDefaults, vocab_size: int, frame_rate: in
             bad.append(BadLine(number, None, str(record)))
             continue
         try:
-            job = _validate(number, record, defaults, vocab_size, frame_rate, max_duration)
+            job = _validate(number, record, defaults, vocab_size, frame_rate, max_duration, melody_model, base_dir,
+                            audio_seen)
         except EnginepyError as e:
             given_id = record.get("id", number)
             named = isinstance(given_id, (str, int)) and not isinstance(given_id, bool)

@@ -5,8 +5,9 @@
 
 During a run the manifest is a journal: each finished job appends its line with flush + fsync, so a SIGKILL
 loses at most the jobs in flight. A job counts as done iff its latest line says "done" with the same prompt,
-settings, seed, frames, model, dtype and file name as the job now asks for, AND the file's sha256 is the one
-recorded; anything else (no line, a changed setting, a missing, truncated or altered file) is rendered again.
+settings, seed, frames, model, dtype, file name and audio inputs (the sha256 of each melody / continue file) as
+the job now asks for, AND the file's sha256 is the one recorded; anything else (no line, a changed setting or
+audio input, a missing, truncated or altered file) is rendered again.
 A run starts by compacting the manifest to the verified lines and ends by rewriting it in job-file order, so
 its content does not depend on the order jobs finished or on interruptions: only `compute_s` (measured time)
 differs between runs.
@@ -15,19 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 from ..audio_io import write_atomically
 from ..errors import EnginepyError, InvalidParameter
-from .jobs import BadLine, Job
+from .jobs import AUDIO_KEYS, BadLine, Job, file_sha256
 
 MANIFEST = "manifest.jsonl"
 # audio_io.write_atomically names its temporary files so: a SIGKILL during a write leaves one behind.
 TEMP_PREFIX = ".enginepy-"
-# The fields of a done line that must equal the job's for its file to be reused.
+# The fields of a done line that must equal the job's for its file to be reused (and, for each audio input, the
+# sha256 of its file: a moved file with the same content is the same input).
 IDENTITY = ("prompt", "settings", "seed", "frames", "model", "dtype", "file")
 
 
@@ -72,10 +73,19 @@ class OutputKey:
 
 def done_entry(job: Job, key: OutputKey, sha256: str, compute_s: float) -> dict:
     """The manifest line of a rendered job. compute_s: wall seconds from the job entering the engine to its file
-    being written (slots are shared, so this is latency, not exclusive compute)."""
-    return {"id": job.id, "line": job.line, "status": "done", "prompt": job.prompt, "settings": job.settings,
-            "seed": job.seed, "frames": job.frames, "model": key.model, "dtype": key.dtype,
-            "file": key.file_name(job), "sha256": sha256, "compute_s": round(compute_s, 3)}
+    being written (slots are shared, so this is latency, not exclusive compute). A job with audio inputs also
+    records each one, "melody" / "continue": {"path", "sha256"} of the file it was rendered from."""
+    entry = {"id": job.id, "line": job.line, "status": "done", "prompt": job.prompt, "settings": job.settings,
+             "seed": job.seed, "frames": job.frames, "model": key.model, "dtype": key.dtype}
+    entry.update({kind: dict(job.audio[kind]) for kind in AUDIO_KEYS if kind in job.audio})
+    entry.update({"file": key.file_name(job), "sha256": sha256, "compute_s": round(compute_s, 3)})
+    return entry
+
+
+def _input_hashes(entry: dict) -> dict:
+    """kind -> sha256 of the audio inputs a done line (or a job's expected line) records."""
+    return {kind: entry[kind].get("sha256") if isinstance(entry[kind], dict) else None
+            for kind in AUDIO_KEYS if kind in entry}
 
 
 def failed_entry(line: int, job_id: str | None, error: str) -> dict:
@@ -85,14 +95,6 @@ def failed_entry(line: int, job_id: str | None, error: str) -> dict:
 
 def bad_line_entry(bad: BadLine) -> dict:
     return failed_entry(bad.line, bad.id, bad.error)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_directory(path: str) -> None:
@@ -175,7 +177,7 @@ class OutputDir:
             if entry is None:
                 continue
             expected = done_entry(job, key, "", 0.0)
-            if any(entry.get(k) != expected[k] for k in IDENTITY):
+            if any(entry.get(k) != expected[k] for k in IDENTITY) or _input_hashes(entry) != _input_hashes(expected):
                 continue
             path = os.path.join(self.path, expected["file"])
             if not os.path.isfile(path) or file_sha256(path) != entry.get("sha256"):

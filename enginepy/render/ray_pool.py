@@ -5,8 +5,10 @@ which loads the model once and renders its batches through its own step engine (
 audio files itself and returning their manifest lines; the driver writes the manifest. One actor per GPU
 (num_gpus=1) with --device cuda, or actors of --actor-cpus cores on CPU. Every job carries its own seed and a
 request's codes do not depend on its batch neighbours, so the files are byte-identical to a single-process run.
-On a cluster, --out must be a directory every node sees (a shared file system) and --model a path (or hub id)
-every node can load.
+On a cluster, --out must be a directory every node sees (a shared file system), --model a path (or hub id)
+every node can load, and the jobs' melody / continue files (absolute paths once the job file is read) paths every
+node can read: an actor reads them itself and checks their content against the hash taken when the job file was
+read, so a node seeing other content fails the job instead of rendering something else.
 """
 from __future__ import annotations
 

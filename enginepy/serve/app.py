@@ -4,9 +4,11 @@
     GET  /health  /v1/models  /metrics      (and FastAPI's /docs, /openapi.json)
 
 One engine thread (loop.EngineLoop) owns the engine; the event loop only parses, queues and sends bytes. A
-request is validated here with the API's own checks (same messages), added on the engine thread (which answers
-Accepted, or Refused: 400 for a prompt over the token limit, 503 when the waiting queue is full) and then fed
-events through its own asyncio queue. A non-streamed response is decoded once from the finished codes (one-shot
+request is validated here with the API's own checks (same messages); its audio inputs, base64 audio files (a
+`melody` for MusicGen-Melody models, an `audio_prompt` to continue), are decoded, checked and turned into a
+chroma and EnCodec codes on an input thread, as `MusicGen.generate_with_chroma` / `generate_continuation` do.
+It is then added on the engine thread (which answers Accepted, or Refused: 400 for a prompt over the token
+limit, 503 when the waiting queue is full) and then fed events through its own asyncio queue. A non-streamed response is decoded once from the finished codes (one-shot
 EnCodec, on a decode thread) — the same samples as `enginepy generate` for the same seed and settings; a streamed
 one sends the streaming decoder's pieces as they become final (within 1e-4 of the one-shot decode before the
 16-bit rounding). A client that goes away is noticed by a watcher task and its request aborted before the next
@@ -15,20 +17,25 @@ engine step.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import io
 import json
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..audio_prompt import check_sample_rate, check_waveforms, convert_audio, encode_audio
 from ..engine.request import EngineFull, make_params, request_frames
 from ..errors import InvalidParameter
 from . import MAX_BODY_BYTES, encode
@@ -38,8 +45,11 @@ from .metrics import ServerMetrics
 DEFAULT_DURATION = 10.0
 # Seconds a client refused with 503 is told to wait. The queue drains as requests finish, which takes seconds.
 RETRY_AFTER_S = 1
-FIELDS = ("prompt", "duration", "seed", "use_sampling", "top_k", "top_p", "temperature", "cfg_coef",
-          "response_format", "stream", "stream_format")
+FIELDS = ("prompt", "duration", "seed", "use_sampling", "top_k", "top_p", "temperature", "cfg_coef", "cfg_coef_beta",
+          "two_step_cfg", "melody", "audio_prompt", "response_format", "stream", "stream_format")
+# Fields holding base64 audio files.
+AUDIO_FIELDS = ("melody", "audio_prompt")
+AUDIO_FILE = "an audio file (WAV, FLAC or Ogg)"
 STREAM_FORMATS = ("audio", "sse")
 
 
@@ -55,6 +65,20 @@ class GenerationBody(BaseModel):
     top_p: float = Field(0.0, description="nucleus mass in [0, 1]; > 0 overrides top_k")
     temperature: float = Field(1.0, description="0 (greedy) or >= 1e-4")
     cfg_coef: float = Field(3.0, description="classifier-free guidance coefficient in [0, 1e6]")
+    cfg_coef_beta: float | None = Field(
+        None, description="double classifier-free guidance (audiocraft): u + cfg_coef·(w + beta·(c − w) − u), w the "
+                          "logits without the text; in [0, 1e6]; null: off")
+    two_step_cfg: bool = Field(False, description="conditional and null rows as separate forwards (audiocraft's "
+                                                  "two_step_cfg); not with cfg_coef_beta")
+    melody: str | None = Field(
+        None, description="MusicGen-Melody models only: base64 of an audio file (WAV, FLAC or Ogg; any sample rate and "
+                          "channels) whose chroma conditions the music. It counts toward the request body limit "
+                          "(413 beyond it; `enginepy serve --max-body-bytes`, default 64 KiB)")
+    audio_prompt: str | None = Field(
+        None, description="base64 of an audio file (WAV, FLAC or Ogg; converted to the model's rate and channels) to "
+                          "continue: the audio starts with it and it counts toward duration, so it must be shorter. "
+                          "It counts toward the request body limit (413 beyond it; `enginepy serve "
+                          "--max-body-bytes`, default 64 KiB)")
     response_format: Literal["wav", "flac", "pcm"] = Field(
         "wav", description="16-bit WAV, 16-bit FLAC, or raw s16le PCM (channels interleaved)")
     stream: bool = Field(False, description="send audio as it is generated")
@@ -73,13 +97,15 @@ class BadRequest(Exception):
 
 @dataclass
 class Job:
-    """A parsed request: the prompt, the keyword arguments of Engine.add_request, and how to answer."""
+    """A parsed request: the prompt, the keyword arguments of Engine.add_request, and how to answer. audio: the
+    audio files given ("melody", "audio_prompt" -> the file's bytes), not yet decoded (see `audio_inputs`)."""
 
     prompt: str
     settings: dict
     response_format: str
     stream: bool
     stream_format: str
+    audio: dict[str, bytes] = field(default_factory=dict)
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -100,8 +126,23 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_request(body: bytes, vocab_size: int, frame_rate: int, max_duration: float) -> Job:
-    """Check a request body with the API's own checks; BadRequest(message, param) names what is wrong."""
+def _audio_file(value, name: str) -> bytes:
+    """A base64 field -> the audio file's bytes (white space, as line-wrapping encoders put in, is ignored)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string: base64 of {AUDIO_FILE}; got {type(value).__name__}", name)
+    try:
+        data = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError) as e:  # ValueError: characters beyond ASCII
+        raise BadRequest(f"{name} must be base64 of {AUDIO_FILE}: {e}", name) from None
+    if not data:
+        raise BadRequest(f"{name} is empty: give base64 of {AUDIO_FILE}", name)
+    return data
+
+
+def parse_request(body: bytes, vocab_size: int, frame_rate: int, max_duration: float, *,
+                  melody_model: bool = False) -> Job:
+    """Check a request body with the API's own checks; BadRequest(message, param) names what is wrong.
+    melody_model: the model takes a melody (MusicGen-Melody). Audio fields are only base64-decoded here."""
     try:
         data = json.loads(body, parse_constant=_reject_constant) if body.strip() else None
     except (ValueError, RecursionError) as e:
@@ -123,7 +164,8 @@ def parse_request(body: bytes, vocab_size: int, frame_rate: int, max_duration: f
 
     duration = value("duration", min(DEFAULT_DURATION, max_duration))
     settings = dict(seed=value("seed", None), use_sampling=value("use_sampling", True), top_k=value("top_k", None),
-                    top_p=value("top_p", 0.0), temperature=value("temperature", 1.0), cfg_coef=value("cfg_coef", 3.0))
+                    top_p=value("top_p", 0.0), temperature=value("temperature", 1.0), cfg_coef=value("cfg_coef", 3.0),
+                    cfg_coef_beta=value("cfg_coef_beta", None), two_step_cfg=value("two_step_cfg", False))
     try:
         request_frames(duration, frame_rate, max_duration)
         make_params(vocab_size, **settings)
@@ -143,7 +185,55 @@ def parse_request(body: bytes, vocab_size: int, frame_rate: int, max_duration: f
     if stream and response_format not in encode.STREAMABLE:
         raise BadRequest(f"response_format {response_format!r} cannot be streamed; use "
                          f"{' or '.join(encode.STREAMABLE)}, or stream: false", "response_format")
-    return Job(prompt, dict(duration=duration, **settings), response_format, stream, stream_format)
+    if value("melody", None) is not None and not melody_model:
+        raise BadRequest("melody needs a MusicGen-Melody model (this one is conditioned on text only)", "melody")
+    audio = {name: _audio_file(data[name], name) for name in AUDIO_FIELDS if value(name, None) is not None}
+    return Job(prompt, dict(duration=duration, **settings), response_format, stream, stream_format, audio)
+
+
+def decode_audio(data: bytes, name: str) -> tuple[torch.Tensor, int]:
+    """An audio file's bytes (what libsndfile reads: WAV, FLAC, Ogg) -> (float32 [C, T], sample rate in Hz), with
+    the checks of `enginepy generate --melody / --continue` (samples, finite values, a sane rate)."""
+    import soundfile as sf
+
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [T, C]
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError by case
+        reason = getattr(e, "error_string", None) or str(e)
+        raise BadRequest(f"{name} cannot be read as audio ({reason})", name) from None
+    if samples.shape[0] == 0:
+        raise BadRequest(f"{name} holds no audio samples", name)
+    try:
+        check_sample_rate(rate, f"{name} sample rate")
+        wav = check_waveforms(torch.from_numpy(samples.T.copy()), name)
+    except InvalidParameter as e:
+        raise BadRequest(str(e), name) from None
+    return wav[0], int(rate)
+
+
+def audio_inputs(mg, job: Job) -> dict:
+    """The job's audio files -> keyword arguments of Engine.add_request, computed as the API computes them:
+    melody -> chroma float32 [Nc, 12] (`generate_with_chroma`), audio_prompt -> prompt_codes int64 [K, Tp]
+    (`generate_continuation`: converted to the model's rate and channels, EnCodec-encoded), Tp < the request's
+    frames. Heavy (resampling, STFT, EnCodec): runs off the event loop. BadRequest names the field."""
+    extra = {}
+    if "melody" in job.audio:
+        wav, rate = decode_audio(job.audio["melody"], "melody")
+        try:
+            extra["melody"] = mg._melody_chroma([wav], rate)[0]
+        except InvalidParameter as e:
+            raise BadRequest(str(e), "melody") from None
+    if "audio_prompt" in job.audio:
+        wav, rate = decode_audio(job.audio["audio_prompt"], "audio_prompt")
+        codes = encode_audio(mg.codec, convert_audio(wav[None], rate, mg.sample_rate, mg.audio_channels))[0]
+        duration = job.settings["duration"]
+        frames = request_frames(duration, mg.frame_rate, mg.max_duration)
+        if codes.shape[-1] >= frames:
+            raise BadRequest(f"audio_prompt lasts {wav.shape[-1] / rate:g} s ({codes.shape[-1]} frames); it must be "
+                             f"shorter than duration ({duration:g} s, {frames} frames), which includes it",
+                             "audio_prompt")
+        extra["prompt_codes"] = codes
+    return extra
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -256,6 +346,9 @@ class _Server:
                                metrics=self.metrics)
         # One-shot decodes of finished requests run here, off the event loop and off the engine thread.
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enginepy-decode")
+        # Audio inputs (decode, resample, chroma, EnCodec encode) likewise, on their own thread so that a long
+        # input never delays a finished response.
+        self.inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enginepy-audio-in")
         self.log = logging.getLogger("enginepy.serve")
 
     def decode(self, codes, response_format: str) -> bytes:
@@ -279,7 +372,10 @@ class _Server:
         try:
             body = await read_body(request, self.max_body_bytes)
             cfg = self.mg.cfg
-            job = parse_request(body, cfg.vocab_size, cfg.frame_rate, self.mg.max_duration)
+            job = parse_request(body, cfg.vocab_size, cfg.frame_rate, self.mg.max_duration, melody_model=cfg.prefix)
+            if job.audio:
+                job.settings.update(await asyncio.get_running_loop().run_in_executor(
+                    self.inputs, audio_inputs, self.mg, job))
         except BadRequest as e:
             self.metrics.outcome("invalid")
             return error_response(e.status, e.message, e.param)
@@ -398,6 +494,7 @@ def create_app(mg, engine=None, *, max_batch: int | None = None, max_waiting: in
         finally:
             server.loop.stop()
             server.decoder.shutdown(wait=False, cancel_futures=True)
+            server.inputs.shutdown(wait=False, cancel_futures=True)
             logging.getLogger("uvicorn.error").removeFilter(quiet)
 
     app = FastAPI(title="enginepy", version=_version(), lifespan=lifespan,
@@ -415,7 +512,8 @@ def create_app(mg, engine=None, *, max_batch: int | None = None, max_waiting: in
         (400, "invalid body (error.param names the field)"), (413, "body too large"),
         (503, "the waiting queue is full (Retry-After)"), (500, "the engine failed the request"))}
 
-    @app.post("/v1/audio/generations", summary="Generate music from a text prompt",
+    @app.post("/v1/audio/generations",
+              summary="Generate music from a text prompt (and a melody or audio to continue)",
               responses={200: audio, **errors}, response_class=Response,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
     async def generations(request: Request) -> Response:
