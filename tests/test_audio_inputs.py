@@ -75,7 +75,8 @@ def text_mg(tiny_hf, engine_cache):
 
 def _serve(model: str, engine_cache: str, log) -> Server:
     return Server(["-m", "enginepy.serve", "--model", model, "--device", "cpu", "--backend", "reference",
-                   "--dtype", "float32", "--max-batch", "2", "--port", "0", "--log-level", "warning"],
+                   "--dtype", "float32", "--max-batch", "2", "--port", "0", "--log-level", "warning",
+                   "--max-body-bytes", "65536"],
                   log, {"ENGINEPY_CACHE": engine_cache, "PYTHONUNBUFFERED": "1"})
 
 

@@ -88,7 +88,8 @@ def server_env(engine_cache):
 def server(tiny_hf, server_env, tmp_path_factory):
     s = Server(["-m", "enginepy.serve", "--model", tiny_hf, "--device", "cpu", "--backend", "reference",
                 "--dtype", "float32", "--max-batch", str(MAX_BATCH), "--max-waiting", str(MAX_WAITING),
-                "--max-duration", str(MAX_DURATION), "--port", "0", "--log-level", "warning"],
+                "--max-duration", str(MAX_DURATION), "--port", "0", "--log-level", "warning",
+                "--max-body-bytes", "65536"],
                tmp_path_factory.mktemp("serve") / "server.log", server_env)
     yield s
     code = s.stop()

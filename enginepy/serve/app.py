@@ -73,12 +73,12 @@ class GenerationBody(BaseModel):
     melody: str | None = Field(
         None, description="MusicGen-Melody models only: base64 of an audio file (WAV, FLAC or Ogg; any sample rate and "
                           "channels) whose chroma conditions the music. It counts toward the request body limit "
-                          "(413 beyond it; `enginepy serve --max-body-bytes`, default 64 KiB)")
+                          "(413 beyond it; `enginepy serve --max-body-bytes`, default 8 MiB)")
     audio_prompt: str | None = Field(
         None, description="base64 of an audio file (WAV, FLAC or Ogg; converted to the model's rate and channels) to "
                           "continue: the audio starts with it and it counts toward duration, so it must be shorter. "
                           "It counts toward the request body limit (413 beyond it; `enginepy serve "
-                          "--max-body-bytes`, default 64 KiB)")
+                          "--max-body-bytes`, default 8 MiB)")
     response_format: Literal["wav", "flac", "pcm"] = Field(
         "wav", description="16-bit WAV, 16-bit FLAC, or raw s16le PCM (channels interleaved)")
     stream: bool = Field(False, description="send audio as it is generated")
