@@ -116,6 +116,19 @@ def test_melody_matches_transformers_padded_batch(model_factory, engine_cache, n
                                           input_features=chroma_features(melodies[1:], RATE))[0])
 
 
+@pytest.mark.triton
+def test_fast_backend_matches_transformers_padded_batch(model_factory, engine_cache):
+    """The fast backend (Triton kernels; interpreted on CPU) against the same oracle, directly."""
+    src = model_factory("melody-short")
+    mg = load(src, engine_cache, backend="fast", max_duration=0.5)
+    frames = 8
+    melodies = [melody(1.0, 440.0, seed=13), melody(2.0, 293.7, seed=14)]
+    ref = hf_codes(src, PROMPTS, frames, input_features=chroma_features(melodies, RATE))
+    mg.set_generation_params(duration=frames / mg.frame_rate, use_sampling=False, cfg_coef=3.0)
+    _, codes = mg.generate_with_chroma(PROMPTS, melodies, RATE, return_tokens=True)
+    assert torch.equal(codes, ref)
+
+
 def test_melody_model_without_melody_matches_transformers(model_factory, engine_cache):
     """generate(descriptions) on a melody model: the null chroma (one-hot C) in the prefix, as transformers."""
     src = model_factory("melody")
