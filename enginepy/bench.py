@@ -180,11 +180,19 @@ def bench_enginepy(mg, batch: int, duration: float, copy_gbps: float, repeats: i
     p50 = statistics.median(step_ms)
     moved = _bytes_per_step(weight_bytes, cfg.num_layers, cfg.hidden_size, 2 * batch, len(step_ms), elem)
     return BenchRow(
-        engine=f"enginepy-{mg.backend}", backend=mg.backend, dtype=str(mg.decoder.dtype).replace("torch.", ""),
+        engine=f"enginepy-{mg.backend}", backend=mg.backend, dtype=_decoder_dtype(mg.decoder),
         batch=batch, frames=mg.frames, steps=len(step_ms), ms_step_p50=p50, ms_step_p99=_percentile(step_ms, 0.99),
         render_s=render, time_to_first_audio_s=render, audio_s_per_s=batch * mg.frames / cfg.frame_rate / render,
         peak_mem_mb=_peak_mem_mb(device), achieved_gbps=moved / (p50 / 1e3) / 1e9, copy_gbps=copy_gbps,
     )
+
+
+def _decoder_dtype(decoder) -> str:
+    """The decoder's weight dtype as run: 'int8' for packed int8 CPU weights, else the tensors' dtype."""
+    impl = decoder.linear_impl
+    if impl is not None and any(w.kind == "int8" for w in impl.weights.values()):
+        return "int8"
+    return str(decoder.dtype).replace("torch.", "")
 
 
 def bench_transformers(hf_dir: str, device: torch.device, dtype: torch.dtype, batch: int, frames: int,

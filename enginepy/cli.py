@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="small",
                    help="tiny | small | medium | large (random weights, real shapes) or a model directory (default small)")
     b.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    b.add_argument("--dtype", default=None, help="enginepy decoder dtype (default: the engine's default for the device)")
+    b.add_argument("--dtype", default=None, help="enginepy decoder dtype: float32 | float16 | bfloat16 | int8 (CPU) "
+                   "(default: the engine's default for the device)")
     b.add_argument("--hf-dtype", default=None, help="transformers dtype (default float32 on CPU, --dtype on CUDA)")
     b.add_argument("--backends", default="reference", help="comma-separated: reference,fast (default reference)")
     b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
@@ -132,20 +133,28 @@ def _load(args):
                                     max_batch=max_batch, max_text_len=args.max_text_len, **given)
 
 
+def check_decoder_dtype(dtype: str | None) -> None:
+    """--dtype: None (the default for the device), a torch dtype name, or int8 (the packed CPU decoder, checked
+    against the device when loading)."""
+    from .convert import parse_dtype
+    from .errors import InvalidParameter
+
+    if dtype is not None and dtype != "int8":
+        try:
+            parse_dtype(dtype, "--dtype")
+        except InvalidParameter:
+            raise InvalidParameter(f"--dtype must be one of float32, float16, bfloat16, int8; got {dtype!r}") from None
+
+
 def check_model_options(args) -> None:
     """--backend, --dtype, --max-duration, --duration and --max-text-len, as generate, demo and render take them."""
     from .api import BACKENDS
     from .conditioning import check_max_text_len
-    from .convert import parse_dtype
     from .errors import InvalidParameter
 
     if args.backend is not None and args.backend not in BACKENDS:
         raise InvalidParameter(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
-    if args.dtype is not None and args.dtype != "int8":  # int8: the packed CPU decoder, checked when loading
-        try:
-            parse_dtype(args.dtype, "--dtype")
-        except InvalidParameter:
-            raise InvalidParameter(f"--dtype must be one of float32, float16, bfloat16, int8; got {args.dtype!r}") from None
+    check_decoder_dtype(args.dtype)
     if not args.max_duration > 0 or args.max_duration == float("inf"):
         raise InvalidParameter(f"--max-duration must be a positive number of seconds; got {args.max_duration}")
     if not 0 < args.duration <= args.max_duration:
@@ -270,9 +279,9 @@ def _bench(args) -> int:
         if backend not in BACKENDS:
             raise InvalidParameter(f"--backends must list names from {', '.join(BACKENDS)}; got {backend!r}")
     dev = parse_device(args.device)
-    for name, value in (("--dtype", args.dtype), ("--hf-dtype", args.hf_dtype)):
-        if value is not None:
-            parse_dtype(value, name)
+    check_decoder_dtype(args.dtype)
+    if args.hf_dtype is not None:
+        parse_dtype(args.hf_dtype, "--hf-dtype")
     if not 0 < args.duration <= 30:
         raise InvalidParameter(f"--duration must be in (0, 30] seconds; got {args.duration}")
     if args.repeats < 1:

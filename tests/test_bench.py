@@ -38,6 +38,17 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_runs_the_int8_cpu_decoder_and_labels_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ENGINEPY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--dtype", "int8", "--batch", "1",
+                 "--duration", "0.1", "--no-transformers", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["engine"], r["dtype"]) for r in rows] == [("enginepy-reference", "int8")]
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--dtype", "int4"]) == 2
+    assert "--dtype must be one of float32, float16, bfloat16, int8; got 'int4'" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--model", "tiny", "--batch", "0,2"]) == 2
     assert "--batch must be comma-separated positive integers; got '0,2'" in capsys.readouterr().err
