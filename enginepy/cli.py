@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--continue", dest="continue_from", default=None, metavar="FILE",
                    help="continue this audio file (WAV/FLAC/Ogg; resampled and mixed to the model's rate and "
                         "channels): every prompt starts from it, and it counts toward --duration")
+    g.add_argument("--extend-stride", type=float, default=None, metavar="S",
+                   help="long form: allow --duration beyond --max-duration, generated in windows of --max-duration "
+                        "seconds, each starting S seconds after the previous one (audiocraft uses 18)")
     g.add_argument("--melody", default=None, metavar="FILE",
                    help="MusicGen-Melody models: condition every prompt on the chroma of this audio file (WAV/FLAC/Ogg)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,8 +160,17 @@ def check_model_options(args) -> None:
     check_decoder_dtype(args.dtype)
     if not args.max_duration > 0 or args.max_duration == float("inf"):
         raise InvalidParameter(f"--max-duration must be a positive number of seconds; got {args.max_duration}")
-    if not 0 < args.duration <= args.max_duration:
-        raise InvalidParameter(f"--duration must be in (0, {args.max_duration:g}] seconds; got {args.duration}")
+    stride = getattr(args, "extend_stride", None)
+    if stride is not None:
+        if not 0 < stride < args.max_duration:
+            raise InvalidParameter(f"--extend-stride must be in (0, {args.max_duration:g}) seconds (below "
+                                   f"--max-duration); got {stride}")
+        if not 0 < args.duration < float("inf"):
+            raise InvalidParameter(f"--duration must be a positive number of seconds; got {args.duration}")
+    elif not 0 < args.duration <= args.max_duration:
+        raise InvalidParameter(f"--duration must be in (0, {args.max_duration:g}] seconds; got {args.duration}"
+                               + (" (--extend-stride S generates longer audio in windows)"
+                                  if hasattr(args, "extend_stride") and args.duration > args.max_duration else ""))
     try:
         check_max_text_len(args.max_text_len)
     except InvalidParameter:
@@ -208,7 +220,8 @@ def _generate(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbits(62)
     mg = _load(args)
     mg.set_generation_params(duration=args.duration, use_sampling=not args.greedy, top_k=args.top_k,
-                             top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef, seed=seed)
+                             top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef, seed=seed,
+                             extend_stride=args.extend_stride)
     greedy = args.greedy or args.temperature == 0
     print(_settings_line(args.model, mg, None if greedy else seed), flush=True)
     start = time.perf_counter()

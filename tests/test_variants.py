@@ -362,3 +362,29 @@ def test_cli_continue_writes_the_continuation(tiny_hf, tmp_path, capsys):
     bad.write_bytes(b"RIFF????")
     assert main(["generate", "jazz", "--model", tiny_hf, "--continue", str(bad), "--out", str(tmp_path / "x.wav")]) == 2
     assert "--continue" in capsys.readouterr().err and not (tmp_path / "x.wav").exists()
+
+
+def test_cli_long_form_equals_the_api(tiny_hf, engine_cache, tmp_path):
+    """`enginepy generate --duration D --extend-stride S` beyond --max-duration == the API's long form."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ENGINEPY_CACHE": engine_cache}
+    base = [sys.executable, "-m", "enginepy", "generate", "jazz", "--model", tiny_hf, "--device", "cpu",
+            "--backend", "reference", "--dtype", "float32", "--max-duration", "0.6", "--quiet"]
+    npy = tmp_path / "t.npy"
+    r = subprocess.run(base + ["--duration", "1.5", "--extend-stride", "0.36", "--seed", "9", "--top-k", "4",
+                               "--out", str(tmp_path / "o.wav"), "--tokens-out", str(npy)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    mg = load(tiny_hf, engine_cache, max_duration=0.6)
+    mg.set_generation_params(duration=1.5, use_sampling=True, top_k=4, seed=9, extend_stride=0.36)
+    assert np.array_equal(np.load(npy), mg.generate_tokens(["jazz"]).numpy())
+    for extra, message in (
+        (["--duration", "1.5", "--extend-stride", "0.6"], "--extend-stride must be in (0, 0.6) seconds (below "
+                                                         "--max-duration); got 0.6"),
+        (["--duration", "1.5"], "--duration must be in (0, 0.6] seconds; got 1.5 (--extend-stride S generates "
+                                "longer audio in windows)"),
+    ):
+        r = subprocess.run(base + extra + ["--out", str(tmp_path / "x.wav")], capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and r.stderr.strip() == f"enginepy: error: {message}", r.stderr
