@@ -376,34 +376,39 @@ def _terminated(signum, frame):
     raise Terminated(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(prog: str, command, args) -> int:
+    """command(args) -> exit status, with the command line's endings: an EnginepyError is one line
+    `prog: error: ...` and status 2; Ctrl-C `prog: interrupted` (130); SIGTERM, which in the main thread unwinds
+    like Ctrl-C so that temporary files and directories are removed on the way out, `prog: terminated` (143)."""
     from .convert import Terminated
     from .errors import EnginepyError
 
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, already reported in one line)
-        return e.code if isinstance(e.code, int) else 2
-    # SIGTERM unwinds like Ctrl-C, so temporary files and directories are removed on the way out.
     handles_term = threading.current_thread() is threading.main_thread()
     if handles_term:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        return {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo,
-                "cache": _cache, "serve": _serve,
-                "render": _render}[args.command](args)
+        return command(args)
     except EnginepyError as e:
-        print(f"enginepy: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("enginepy: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Terminated as e:
-        print("enginepy: terminated", file=sys.stderr)
+        print(f"{prog}: terminated", file=sys.stderr)
         return e.code
     finally:
         if handles_term:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
+    return run_command("enginepy", {"convert": _convert, "generate": _generate, "bench": _bench, "demo": _demo,
+                                    "cache": _cache, "serve": _serve, "render": _render}[args.command], args)
 
 
 if __name__ == "__main__":

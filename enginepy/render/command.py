@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ..errors import EnginepyError, InvalidParameter
+from ..errors import InvalidParameter
 
 FORMATS = ("wav", "flac")
 
@@ -216,7 +216,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m enginepy.render ARGS`, the same as `enginepy render ARGS`: refusals in one line, exit code 2.
     (A SIGTERM or SIGKILL may leave a temporary file in DIR: the next run removes it.)"""
-    from ..cli import _Parser
+    from ..cli import _Parser, run_command
 
     parser = _Parser(prog="enginepy")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -224,11 +224,4 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["render", *(sys.argv[1:] if argv is None else argv)])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    try:
-        return run(args)
-    except EnginepyError as e:
-        print(f"enginepy: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("enginepy: interrupted", file=sys.stderr)
-        return 130
+    return run_command("enginepy", run, args)

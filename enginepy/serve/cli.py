@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 
 from . import MAX_BODY_BYTES
 
@@ -125,11 +124,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m enginepy.serve [options]`, as `enginepy serve`: refusals in one line with exit code 2; after a
     graceful shutdown, exit 130 on Ctrl-C and 143 on SIGTERM."""
-    import signal
-
-    from ..cli import _Parser, _terminated
-    from ..convert import Terminated
-    from ..errors import EnginepyError
+    from ..cli import _Parser, run_command
 
     parser = _Parser(prog="enginepy serve", description="HTTP server over the step engine.")
     add_arguments(parser)
@@ -137,18 +132,5 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: it ends here as Terminated.
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        return run(args)
-    except EnginepyError as e:
-        print(f"enginepy serve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("enginepy serve: interrupted", file=sys.stderr)
-        return 130
-    except Terminated as e:
-        print("enginepy serve: terminated", file=sys.stderr)
-        return e.code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: it ends there as Terminated.
+    return run_command("enginepy serve", run, args)
