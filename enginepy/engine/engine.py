@@ -68,8 +68,12 @@ class Engine:
             raise InvalidParameter(f"request_id {request_id!r} is already in the engine")
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidParameter(f"prompt must be a string; got {type(prompt).__name__} (None generates unconditionally)")
-        if prompt is not None and text is None:
-            self.runner.conditioner.check_lengths([prompt], ["prompt"])  # refused now, not at admission
+        if text is not None:
+            text_tokens = text[1].shape[1]
+        elif prompt is not None:  # refused now, not at admission
+            text_tokens = self.runner.conditioner.check_lengths([prompt], ["prompt"])[0]
+        else:
+            text_tokens = 1  # the unconditional zero vector
         if frames is None:
             frames = request_frames(duration, self.cfg.frame_rate, self.max_duration)
         elif (isinstance(frames, bool) or not isinstance(frames, int)
@@ -86,7 +90,8 @@ class Engine:
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
             raise EngineFull(f"the engine's waiting queue is full ({self.max_waiting} requests); retry later")
         req = Request(request_id, prompt, frames, draw_seed() if seed is None else int(seed), params,
-                      next(self._arrivals), prompt_codes=prompt_codes, text=text, melody=melody, text_len=text_len)
+                      next(self._arrivals), prompt_codes=prompt_codes, text=text, melody=melody, text_len=text_len,
+                      text_tokens=text_tokens)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req

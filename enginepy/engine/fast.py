@@ -27,7 +27,7 @@ import torch
 from .. import ops, pattern
 from ..cache import PagedKVCache
 from ..errors import InvalidParameter
-from ..model import KVCache, MusicGenDecoder
+from ..model import CrossKV, KVCache, MusicGenDecoder
 from ..rng import uniforms
 from .reference import double_cfg_mix
 from .request import Request, prefix_rows, prompt_frames, request_rows, request_text
@@ -111,7 +111,6 @@ class FastRunner:
         self.slot_rows: dict[int, list[int]] = {}
         self.row_blocks: dict[int, list[int]] = {}
         self.text_row_blocks: dict[int, list[int]] = {}
-        self.slot_step: dict[int, int] = {}
         self.row_pos: dict[int, int] = {}  # per running row: the position its next step writes
         self.reserved = 0  # blocks promised to running rows but not yet handed out
         self.row_reserve: dict[int, int] = {}
@@ -133,13 +132,7 @@ class FastRunner:
         rows = request_rows(self.cfg, request.params)
         if not self.cfg.prefix:
             return [0] * rows
-        if request.text is not None:
-            tokens = request.text[1].shape[1]
-        elif request.prompt is None:
-            tokens = 1
-        else:
-            tokens = self.conditioner.check_lengths([request.prompt], ["prompt"])[0]
-        lens = [self.cfg.chroma_length + max(tokens, request.text_len or 0)] * rows
+        lens = [self.cfg.chroma_length + max(request.text_tokens, request.text_len or 0)] * rows
         if rows > 1 and request.params.two_step_cfg:
             lens[-1] = self.cfg.chroma_length + 1
         return lens
@@ -187,9 +180,10 @@ class FastRunner:
             for i in range(cfg.num_layers):
                 ops.kv_write(cross.k[i, :, :, :t].transpose(1, 2), cross.v[i, :, :, :t].transpose(1, 2),
                              self.text.k[i], self.text.v[i], self.text.block_tables[cond_row : cond_row + 1], zero)
-            if rows_needed > 1 and prompt_frames(request):  # for the prefill; the null row attends nothing
-                cross = dec.precompute_cross(torch.cat([cond, torch.zeros_like(cond)]),
-                                             torch.cat([mask, torch.zeros_like(mask)]))
+            if rows_needed > 1 and prompt_frames(request):  # for the prefill: the null row's conditioning is zero,
+                # so are its K/V (the projections have no bias), and it attends nothing
+                cross = CrossKV(*(torch.cat([kv, torch.zeros_like(kv)], dim=1) for kv in (cross.k, cross.v)),
+                                torch.cat([cross.mask, torch.zeros_like(cross.mask)]))
         offsets = [0] * rows_needed if prefixes is None else [p.shape[1] for p in prefixes]
         tp = prompt_frames(request)
         for j, row in enumerate(rows):
@@ -207,7 +201,6 @@ class FastRunner:
             else:  # two-step CFG: prefixes of different lengths, one forward per row
                 for row, p in zip(rows, prefixes):
                     self._prefill([row], request, None, p)
-        self.slot_step[slot] = tp
         p = request.params
         self.step_t[slot] = tp
         self.lengths[slot] = request.frames
@@ -267,7 +260,6 @@ class FastRunner:
             self.text_lens[row] = 0
             self.free_rows.append(row)
         self.free_rows.sort(reverse=True)
-        self.slot_step.pop(slot, None)
         self.lengths[slot] = 0
         self.prompt_lengths[slot] = 0
         self.cond_rows[slot] = 0
@@ -362,7 +354,6 @@ class FastRunner:
         else:
             self._step(rows)
         for s in slots:
-            self.slot_step[s] += 1
             for row in self.slot_rows[s]:
                 self.row_pos[row] += 1
         bad = self.nonfinite.cpu()

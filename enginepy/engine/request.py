@@ -113,6 +113,7 @@ class Request:
     text: tuple[torch.Tensor, torch.Tensor] | None = None
     melody: torch.Tensor | None = None
     text_len: int | None = None
+    text_tokens: int = 1  # positions of its T5 output before padding (counted once, when it is added)
     state: RequestState = RequestState.WAITING
     slot: int = -1
     step: int = 0
