@@ -244,7 +244,7 @@ class MusicGen:
             if len(waves) != wav.shape[0]:
                 raise InvalidParameter(f"melody_wavs has {len(waves)} melodies but the prompt has "
                                        f"{wav.shape[0]} (one each)")
-        prompt_codes = encode_audio(self.codec, convert_audio(wav, rate, self.sample_rate, self.audio_channels))
+        prompt_codes = self._prompt_codes(wav, rate)
         prompts = check_optional_prompts(descriptions, prompt_codes.shape[0])
         codes = self._generate_codes(prompts, list(prompt_codes), progress, melody_waves=waves)
         wav = self.generate_audio(codes)
@@ -264,6 +264,11 @@ class MusicGen:
         codes = self._generate_codes(prompts, None, progress, melody_waves=waves)
         wav = self.generate_audio(codes)
         return (wav, codes) if return_tokens else wav
+
+    def _prompt_codes(self, wav: torch.Tensor, rate: int) -> torch.Tensor:
+        """An audio prompt float32 [B, C, T] at `rate` -> its EnCodec codes int64 [B, K, Tp] on CPU, converted to
+        the model's rate and channels first (what generate_continuation continues)."""
+        return encode_audio(self.codec, convert_audio(wav, rate, self.sample_rate, self.audio_channels))
 
     def _melody_chroma(self, melody_wavs, melody_sample_rate) -> torch.Tensor:
         """melody_wavs (float [B, C, T] or [C, T], or a list of [C, T_i] / None) at melody_sample_rate -> chroma

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..audio_io import write_audio
-from ..audio_prompt import convert_audio, encode_audio, read_audio
+from ..audio_prompt import read_audio
 from ..errors import EnginepyError, InvalidParameter
 from ..precision import fp32_matmul_exact
 from .jobs import Job
@@ -80,8 +80,7 @@ class Renderer:
         mg = self.mg
         if kind == "melody":
             return mg._melody_chroma([wav], rate)[0]  # [Nc, 12], as generate_with_chroma computes it
-        wav = convert_audio(wav[None], rate, mg.sample_rate, mg.audio_channels)
-        return encode_audio(mg.codec, wav)[0]  # [K, Tp], as generate_continuation encodes it
+        return mg._prompt_codes(wav[None], rate)[0]  # [K, Tp], as generate_continuation encodes it
 
     def render(self, jobs: Iterable[Job]) -> Iterator[dict]:
         """Yield one manifest line (`done_entry` or `failed_entry`) per job, in the order jobs finish. A job whose

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..audio_prompt import check_sample_rate, check_waveforms, convert_audio, encode_audio
+from ..audio_prompt import check_sample_rate, check_waveforms
 from ..engine.request import EngineFull, make_params, request_frames
 from ..errors import InvalidParameter
 from . import MAX_BODY_BYTES, encode
@@ -225,7 +225,7 @@ def audio_inputs(mg, job: Job) -> dict:
             raise BadRequest(str(e), "melody") from None
     if "audio_prompt" in job.audio:
         wav, rate = decode_audio(job.audio["audio_prompt"], "audio_prompt")
-        codes = encode_audio(mg.codec, convert_audio(wav[None], rate, mg.sample_rate, mg.audio_channels))[0]
+        codes = mg._prompt_codes(wav[None], rate)[0]
         duration = job.settings["duration"]
         frames = request_frames(duration, mg.frame_rate, mg.max_duration)
         if codes.shape[-1] >= frames:
